@@ -1,0 +1,54 @@
+"""Sandbox worlds for the benchmarks (deterministic for a given seed)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from sounding.sandbox import World
+
+
+def throughput_world(domains: int = 300, per_domain: int = 10, *, delay: float = 0.04,
+                     pipelining_share: float = 0.7, catch_all_share: float = 0.1,
+                     unknown_per_domain: int = 2, seed: int = 7) -> tuple[World, list[tuple[str, str]]]:
+    """``domains`` domains, each on its own MX host that waits ``delay`` before every reply.
+
+    Returns the world and the list ``[(address, true status), ...]`` in a shuffled order
+    (lists arrive unsorted). Per domain: ``per_domain - unknown_per_domain`` mailboxes
+    that exist and ``unknown_per_domain`` that do not; a share of the hosts are catch-all.
+    """
+    rng = random.Random(seed)
+    w = World()
+    addrs: list[tuple[str, str]] = []
+    n_pipe = round(domains * pipelining_share)
+    n_catch = round(domains * catch_all_share)
+    for i in range(domains):
+        dom = f"tp{i:04d}.example"
+        host = f"mx.{dom}"
+        personality = "catch_all" if i % max(1, domains // max(1, n_catch)) == 0 and n_catch else "honest"
+        w.add_host(host, personality, reply_delay=delay, greeting_delay=delay,
+                   pipelining=rng.random() < n_pipe / domains)
+        good = [f"user{j}" for j in range(per_domain - unknown_per_domain)]
+        bad = [f"gone{j}" for j in range(unknown_per_domain)]
+        w.add_domain(dom, mx=[(10, host)], mailboxes=good, unknown=bad)
+        for lp in good + bad:
+            a = f"{lp}@{dom}"
+            addrs.append((a, w.truth(a).status))
+    rng.shuffle(addrs)
+    return w, addrs
+
+
+def streaming_world(domains: int = 2000) -> World:
+    """A zero-latency world for the memory benchmark: every ``u<N>`` mailbox exists."""
+    w = World()
+    for i in range(domains):
+        dom = f"m{i:05d}.example"
+        w.add_host(f"mx.{dom}", "honest")
+        w.add_domain(dom, mx=[(10, f"mx.{dom}")], mailboxes=[f"u{j}" for j in range(600)])
+    return w
+
+
+def streaming_addresses(n: int, domains: int = 2000) -> Iterator[str]:
+    """``n`` addresses spread over the streaming world's domains (some repeat: real lists do)."""
+    for k in range(n):
+        yield f"u{(k // domains) % 600}@m{k % domains:05d}.example"

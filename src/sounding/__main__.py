@@ -1,0 +1,5 @@
+"""``python -m sounding``."""
+
+from .cli import app
+
+app()

@@ -1,0 +1,211 @@
+"""Address syntax, normalisation and flags (pure; syntax only, never DNS).
+
+Syntax is python-email-validator's (RFC 5321/5322 as mail systems really accept them), with
+SMTPUTF8 (RFC 6531) and IDNA (RFC 5891) handled. On top of it:
+
+* control characters are refused *before* anything else, so no CR/LF/NUL can ever reach
+  an SMTP command line (RFC 5321 §4.1.1: commands end at CRLF; an embedded CRLF would
+  inject a command);
+* flags: ``role`` (RFC 2142 and common role mailboxes), ``disposable`` (PyPI
+  disposable-email-domains), ``free`` (free-mail providers);
+* a typo suggestion for the domains of common providers (``gmial.com`` -> ``gmail.com``).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+
+import email_validator
+from email_validator import EmailNotValidError
+
+from .errors import AddressError
+
+
+class Flag(StrEnum):
+    """Facts about an address that travel with its verdict."""
+
+    ROLE = "role"
+    DISPOSABLE = "disposable"
+    FREE = "free"
+    SMTPUTF8 = "smtputf8"
+    QUOTED_LOCAL = "quoted_local"
+    IP_LITERAL = "ip_literal"
+    TYPO = "typo_suspected"
+
+
+# RFC 2142 §3-§5 mailbox names, plus role mailboxes common enough to be near-certain roles.
+RFC2142_ROLES = frozenset({
+    "info", "marketing", "sales", "support", "abuse", "noc", "security", "postmaster",
+    "hostmaster", "usenet", "news", "webmaster", "www", "uucp", "ftp",
+})
+COMMON_ROLES = frozenset({
+    "admin", "administrator", "billing", "careers", "contact", "customerservice", "enquiries",
+    "help", "helpdesk", "hello", "hr", "jobs", "legal", "mail", "media", "newsletter",
+    "no-reply", "noreply", "office", "orders", "press", "privacy", "root", "service",
+    "team", "accounts", "accounting", "feedback", "inquiries", "it", "compliance",
+    "donotreply", "do-not-reply", "mailer-daemon", "list", "sysadmin", "reception",
+})
+ROLE_NAMES = RFC2142_ROLES | COMMON_ROLES
+
+# Free-mail providers (public facts: the providers' own consumer mail domains).
+FREE_DOMAINS = frozenset({
+    "gmail.com", "googlemail.com", "yahoo.com", "yahoo.co.uk", "yahoo.fr", "yahoo.de",
+    "yahoo.co.jp", "ymail.com", "rocketmail.com", "outlook.com", "hotmail.com",
+    "hotmail.co.uk", "hotmail.fr", "live.com", "msn.com", "aol.com", "icloud.com", "me.com",
+    "mac.com", "gmx.com", "gmx.de", "gmx.net", "web.de", "mail.com", "mail.ru", "yandex.ru",
+    "yandex.com", "proton.me", "protonmail.com", "zoho.com", "qq.com", "163.com", "126.com",
+    "naver.com", "daum.net", "seznam.cz", "wp.pl", "o2.pl", "interia.pl", "libero.it",
+    "orange.fr", "laposte.net", "free.fr", "t-online.de", "freenet.de", "tutanota.com",
+    "fastmail.com", "hey.com", "rediffmail.com", "inbox.com", "btinternet.com",
+    "comcast.net", "verizon.net", "att.net", "sbcglobal.net", "bellsouth.net", "cox.net",
+    "shaw.ca", "rogers.com", "bigpond.com", "optusnet.com.au", "uol.com.br", "bol.com.br",
+})
+# Domains worth suggesting when a near miss is typed.
+SUGGEST_DOMAINS = (
+    "gmail.com", "googlemail.com", "yahoo.com", "hotmail.com", "outlook.com", "live.com",
+    "aol.com", "icloud.com", "msn.com", "gmx.com", "gmx.de", "web.de", "mail.ru",
+    "yandex.ru", "protonmail.com", "proton.me", "comcast.net", "verizon.net", "att.net",
+    "sbcglobal.net", "yahoo.co.uk", "hotmail.co.uk", "btinternet.com", "orange.fr",
+    "free.fr", "laposte.net", "libero.it", "qq.com", "163.com", "naver.com",
+)
+_TLD_FIXES = {"con": "com", "cmo": "com", "ocm": "com", "comm": "com", "cm": "com",
+              "om": "com", "co": "com", "nte": "net", "ner": "net", "ogr": "org"}
+
+
+@lru_cache(maxsize=1)
+def _disposable() -> frozenset[str]:
+    from disposable_email_domains import blocklist
+
+    return frozenset(blocklist)
+
+
+def is_disposable(domain: str) -> bool:
+    """True if ``domain`` (or a parent domain) is a known disposable-mail domain."""
+    parts = domain.lower().split(".")
+    lst = _disposable()
+    return any(".".join(parts[i:]) in lst for i in range(len(parts) - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedAddress:
+    """A syntactically valid address, normalised."""
+
+    original: str
+    local: str
+    #: ASCII (A-label) form of the domain, lower case: what goes into DNS and RCPT.
+    domain: str
+    #: Unicode (U-label) form of the domain, for display.
+    domain_unicode: str
+    flags: frozenset[Flag]
+    suggestion: str | None = None
+
+    @property
+    def normalized(self) -> str:
+        """``local@ascii-domain`` (the local part keeps its case: RFC 5321 §2.4)."""
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def smtputf8(self) -> bool:
+        """Does RCPT for this address need the SMTPUTF8 extension (RFC 6531)?"""
+        return Flag.SMTPUTF8 in self.flags
+
+    @property
+    def is_ip_literal(self) -> bool:
+        """``user@[192.0.2.1]``: no MX lookup, and never probed."""
+        return Flag.IP_LITERAL in self.flags
+
+
+def has_control_chars(s: str) -> bool:
+    """True for C0/C1 controls, DEL, and Unicode line/paragraph separators.
+
+    Any of these inside an address could end or split an SMTP command line.
+    """
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Zl", "Zp") or ch in "\u0085\u2028\u2029":
+            return True
+        if cat == "Cs":  # lone surrogate
+            return True
+    return False
+
+
+def _distance(a: str, b: str) -> int:
+    """Optimal string alignment distance (Damerau-Levenshtein with adjacent swaps)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def suggest_domain(domain: str) -> str | None:
+    """A likely intended provider domain for a near miss, or None."""
+    d = domain.lower()
+    if d in SUGGEST_DOMAINS or d in FREE_DOMAINS:
+        return None
+    name, _, tld = d.rpartition(".")
+    if name and tld in _TLD_FIXES and f"{name}.{_TLD_FIXES[tld]}" in SUGGEST_DOMAINS:
+        return f"{name}.{_TLD_FIXES[tld]}"
+    best: tuple[int, str] | None = None
+    for cand in SUGGEST_DOMAINS:
+        if abs(len(cand) - len(d)) > 2:
+            continue
+        dist = _distance(d, cand)
+        limit = 1 if len(cand) <= 7 else 2
+        if dist <= limit and (best is None or dist < best[0]):
+            best = (dist, cand)
+    return best[1] if best else None
+
+
+def parse_address(raw: str) -> ParsedAddress:
+    """Validate and normalise one address; raise :class:`AddressError` with a clear reason."""
+    if not isinstance(raw, str):
+        raise AddressError("address must be text")
+    if has_control_chars(raw):
+        # Refused before parsing: nothing with a CR, LF, NUL or other control may reach
+        # the wire (SMTP command injection, RFC 5321 §4.1.1.).
+        raise AddressError("address contains control characters", code="control_chars")
+    s = raw.strip(" ")  # surrounding spaces are list noise; anything else is refused above
+    if not s:
+        raise AddressError("empty address", code="empty")
+    if len(s.encode("utf-8")) > 254:
+        raise AddressError("address longer than 254 octets (RFC 5321 §4.5.3.1.3)",
+                           code="too_long")
+    try:
+        v = email_validator.validate_email(
+            s, check_deliverability=False, allow_smtputf8=True, allow_quoted_local=True,
+            allow_domain_literal=True,
+        )
+    except EmailNotValidError as exc:
+        raise AddressError(str(exc)) from exc
+    flags: set[Flag] = set()
+    local = v.local_part
+    domain_ascii = (v.ascii_domain or v.domain).lower()
+    if v.smtputf8:
+        flags.add(Flag.SMTPUTF8)
+    if local.startswith('"'):
+        flags.add(Flag.QUOTED_LOCAL)
+    if domain_ascii.startswith("["):
+        flags.add(Flag.IP_LITERAL)
+    else:
+        base = local.lower().strip('"').split("+", 1)[0]
+        if base in ROLE_NAMES:
+            flags.add(Flag.ROLE)
+        if is_disposable(domain_ascii):
+            flags.add(Flag.DISPOSABLE)
+        if domain_ascii in FREE_DOMAINS:
+            flags.add(Flag.FREE)
+    suggestion = None if Flag.IP_LITERAL in flags else suggest_domain(domain_ascii)
+    if suggestion:
+        flags.add(Flag.TYPO)
+    return ParsedAddress(raw, local, domain_ascii, v.domain.lower(), frozenset(flags),
+                         f"{local}@{suggestion}" if suggestion else None)

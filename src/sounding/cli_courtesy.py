@@ -1,0 +1,255 @@
+"""Command-line courtesy tools: ``exempt``, ``doctor``, ``canaries``, ``reputation``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli import (
+    CfgOpt,
+    FromOpt,
+    HeloOpt,
+    NsOpt,
+    PortOpt,
+    PrivOpt,
+    SrcOpt,
+    _fail,
+    _settings,
+    app,
+    err,
+    out,
+)
+from .courtesy.canaries import CanaryBook
+from .courtesy.exemptions import ExemptionRegistry, Kind
+from .courtesy.pool import SourcePool
+from .engine import Verifier
+from .errors import SoundingError
+from .settings import Settings
+from .verdict import Verdict
+
+exempt_app = typer.Typer(no_args_is_help=True, help="The opt-out registry (never probed).")
+canary_app = typer.Typer(no_args_is_help=True, help="Known addresses re-verified to notice server changes.")
+app.add_typer(exempt_app, name="exempt")
+app.add_typer(canary_app, name="canaries")
+
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where state is kept (default: data dir).")]
+
+
+def _state(config: Path | None, state_dir: Path | None) -> Path:
+    try:
+        s = _settings(config, state_dir=str(state_dir) if state_dir else None)
+    except SoundingError as exc:
+        _fail(exc)
+        raise
+    assert s.state_dir is not None
+    return Path(s.state_dir)
+
+
+def _when(t: float | None) -> str:
+    if not t:
+        return "-"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------- exempt
+@exempt_app.command("add")
+def exempt_add(
+    entries: Annotated[list[str], typer.Argument(help="Domains (subdomains included) or IP ranges (CIDR).")],
+    mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names, not mail domains.")] = False,
+    note: Annotated[str, typer.Option("--note", help="Who asked, when, ticket.")] = "",
+    config: CfgOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Opt domains, MX hosts or IP ranges out; effective for every run from now on."""
+    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
+    kind: Kind | None = "mx" if mx else None
+    for e in entries:
+        try:
+            x = reg.add(e, kind, note)
+        except SoundingError as exc:
+            _fail(exc)
+            return
+        out.print(f"exempt {x.kind} {x.value}")
+
+
+@exempt_app.command("remove")
+def exempt_remove(
+    entries: Annotated[list[str], typer.Argument(help="Entries to remove.")],
+    mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names.")] = False,
+    config: CfgOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Remove opt-out entries."""
+    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
+    missing = 0
+    for e in entries:
+        try:
+            gone = reg.remove(e, "mx" if mx else None)
+        except SoundingError as exc:
+            _fail(exc)
+            return
+        out.print(f"{'removed' if gone else 'not found:'} {e}")
+        missing += not gone
+    raise typer.Exit(1 if missing else 0)
+
+
+@exempt_app.command("list")
+def exempt_list(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+    """Show the registry."""
+    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
+    t = Table("kind", "value", "added", "note")
+    for e in reg.entries():
+        t.add_row(e.kind, e.value, _when(e.added), e.note)
+    out.print(t)
+
+
+@exempt_app.command("import")
+def exempt_import(
+    file: Annotated[Path, typer.Argument(help="One domain or CIDR per line ('-' = stdin; # comments).")],
+    mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names.")] = False,
+    config: CfgOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Import many entries; bad lines are reported, the good ones still go in."""
+    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
+    try:
+        lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text("utf-8").splitlines()
+    except OSError as exc:
+        _fail(SoundingError(f"cannot read {file}: {exc.strerror or exc}"))
+        return
+    added, errors = reg.import_lines(lines, "mx" if mx else None)
+    for e in errors:
+        err.print(f"[yellow]skipped[/yellow] {e}")
+    out.print(f"{added} entries added, {len(errors)} lines skipped")
+    raise typer.Exit(1 if errors else 0)
+
+
+# ----------------------------------------------------------------------------- doctor
+@app.command()
+def doctor(
+    helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None, nameserver: NsOpt = None,
+    port25_host: Annotated[str | None, typer.Option("--port25-host", help="Host to test outbound port 25.")] = None,
+    port25_port: Annotated[int, typer.Option("--port25-port", help="Port for that test.")] = 25,
+    config: CfgOpt = None,
+) -> None:
+    """Self-audit: FCrDNS and HELO of each source, MAIL FROM's MX and SPF, DNSBLs, port 25."""
+    from .doctor import Level, run_doctor
+
+    try:
+        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    checks = asyncio.run(run_doctor(s, port25_host=port25_host, port25_port=port25_port))
+    mark = {Level.OK: "[green]ok[/green]", Level.WARN: "[yellow]warn[/yellow]", Level.FAIL: "[red]FAIL[/red]"}
+    t = Table("", "check", "result", "what to do", title="sounding doctor")
+    for c in checks:
+        t.add_row(mark[c.level], c.name, c.detail, c.fix)
+    out.print(t)
+    fails = sum(c.level is Level.FAIL for c in checks)
+    out.print(f"{fails} failed, {sum(c.level is Level.WARN for c in checks)} warnings, "
+              f"{sum(c.level is Level.OK for c in checks)} ok")
+    raise typer.Exit(1 if fails else 0)
+
+
+# ----------------------------------------------------------------------------- canaries
+@canary_app.command("add")
+def canary_add(
+    address: Annotated[str, typer.Argument(help="A known address at a provider.")],
+    provider: Annotated[str, typer.Option("--provider", help="Label, e.g. google.")] = "",
+    expect: Annotated[str, typer.Option("--expect", help="Expected status (default: learnt).")] = "",
+    config: CfgOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Watch an address."""
+    try:
+        c = CanaryBook(_state(config, state_dir) / "canaries.json").add(address, provider, expect)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    out.print(f"watching {c.address}")
+
+
+@canary_app.command("remove")
+def canary_remove(address: str, config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+    """Stop watching an address."""
+    gone = CanaryBook(_state(config, state_dir) / "canaries.json").remove(address)
+    out.print("removed" if gone else f"not watched: {address}")
+    raise typer.Exit(0 if gone else 1)
+
+
+@canary_app.command("list")
+def canary_list(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+    """Show canaries, their last result and recent changes."""
+    book = CanaryBook(_state(config, state_dir) / "canaries.json")
+    t = Table("address", "provider", "expected", "last", "reply style", "checked", "changes")
+    for c in book.items.values():
+        t.add_row(c.address, c.provider, c.expected, f"{c.last_status} {c.last_reason}".strip(), c.last_style[:60],
+                  _when(c.last_checked), str(len(c.changes)))
+    out.print(t)
+    for c in book.items.values():
+        for ch in c.changes[-5:]:
+            out.print(f"{_when(ch['t'])} {c.address}: {ch['change']}")
+
+
+@canary_app.command("run")
+def canary_run(
+    every: Annotated[float, typer.Option("--every", help="Repeat every N seconds (0 = once).")] = 0,
+    helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None, nameserver: NsOpt = None,
+    smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False, config: CfgOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Re-verify the canaries (once, or on a schedule) and report changes; exit 3 on changes."""
+    try:
+        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
+                      smtp_port=smtp_port, allow_private_mx=allow_private_mx,
+                      state_dir=str(state_dir) if state_dir else None)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    assert s.state_dir is not None
+    book = CanaryBook(Path(s.state_dir) / "canaries.json")
+
+    async def verify(addrs: list[str]) -> list[Verdict]:
+        return [x async for x in Verifier(s).verify_many(addrs)]
+
+    async def loop() -> int:
+        changed = 0
+        while True:
+            changes = await book.run(verify, book.due(every) if every else None)
+            for ch in changes:
+                out.print(f"[yellow]change[/yellow] {ch['address']}: {ch['change']}")
+            changed += len(changes)
+            out.print(f"{_when(time.time())}: {len(book.items)} canaries checked, {len(changes)} changed")
+            if not every:
+                return changed
+            await asyncio.sleep(min(every, 60))
+
+    raise typer.Exit(3 if asyncio.run(loop()) else 0)
+
+
+# ----------------------------------------------------------------------------- reputation
+@app.command()
+def reputation(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+    """Our standing: DNSBL listings, quarantined/banned (source, receiver) pairs, paused receivers."""
+    path = _state(config, state_dir) / "reputation.json"
+    s = Settings()
+    pool = SourcePool([])
+    pool.attach(path)
+    now = time.time()
+    t = Table("source", "receiver", "state", "until", "blocks", "last reply", title=f"reputation ({path})")
+    for (src, rcv), st in sorted(pool.pairs.items()):
+        cur = pool.state(src, rcv)
+        t.add_row(src, rcv, cur.rep.value, _when(cur.until), str(len(st.blocks)), st.detail[:60])
+    out.print(t)
+    for rcv, (until, why) in sorted(pool.paused.items()):
+        if until > now:
+            out.print(f"paused: {rcv} until {_when(until)} ({why[:100]})")
+    for key, listing in sorted(pool.listed.items()):
+        out.print(f"[red]DNSBL[/red] {key}: {listing}")
+    if not (pool.pairs or pool.paused or pool.listed):
+        out.print(f"no blocks, pauses or listings recorded (quarantine {s.quarantine / 3600:.0f} h, "
+                  f"ban {s.ban / 86400:.0f} days)")

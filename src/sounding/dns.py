@@ -1,0 +1,245 @@
+"""Asynchronous MX resolution with dnspython, TTL-cached.
+
+Rules (RFC 5321 §5.1, RFC 7505):
+
+* MX records sorted by preference; hosts with equal preference keep DNS order.
+* A single MX ``0 .`` is a null MX: the domain accepts no mail.
+* No MX records but an A/AAAA record: the domain itself is the implicit MX.
+* NXDOMAIN: the domain does not exist. SERVFAIL, timeouts and refusals are *failures*
+  (unknown), never evidence of absence.
+* MX hosts without addresses are skipped. Addresses in private, loopback, link-local,
+  multicast or reserved ranges are refused unless ``allow_private`` (the sandbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from .errors import ConfigError
+
+
+class MxStatus(StrEnum):
+    """What DNS says about a mail domain."""
+
+    OK = "ok"
+    NULL_MX = "null_mx"
+    NO_DOMAIN = "no_domain"
+    NO_MAIL_HOST = "no_mx"  # the domain exists but has neither MX nor address
+    NO_MX_ADDRESS = "no_mx_address"  # MX hosts exist but none has an address
+    REFUSED = "mx_refused"  # every MX address is in a private/reserved range
+    FAILURE = "dns_failure"
+
+
+@dataclass(frozen=True, slots=True)
+class MxHost:
+    """One MX host with its usable addresses."""
+
+    name: str
+    preference: int
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MxResult:
+    """The mail routing of one domain."""
+
+    domain: str
+    status: MxStatus
+    hosts: tuple[MxHost, ...] = ()
+    implicit: bool = False
+    detail: str = ""
+    refused: tuple[str, ...] = field(default=())
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The ordered MX host names: domains with equal keys share sessions."""
+        return tuple(h.name for h in self.hosts)
+
+
+def is_public_address(ip: str) -> bool:
+    """False for private, loopback, link-local, multicast, reserved and unspecified ranges."""
+    a = ipaddress.ip_address(ip)
+    return not (a.is_private or a.is_loopback or a.is_link_local or a.is_multicast
+                or a.is_reserved or a.is_unspecified or not a.is_global)
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` -> (address, port)."""
+    s = spec.strip()
+    try:
+        if s.startswith("["):
+            host, _, rest = s[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else 53
+        elif s.count(":") == 1:
+            host, p = s.split(":")
+            port = int(p)
+        else:
+            host, port = s, 53
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"invalid nameserver {spec!r}: use an IP address[:port]") from exc
+    if not 0 < port < 65536:
+        raise ConfigError(f"invalid nameserver port in {spec!r}")
+    return host, port
+
+
+def make_resolver(nameservers: Sequence[tuple[str, int]] | None = None, *, timeout: float = 5.0,
+                  lifetime: float = 12.0) -> dns.asyncresolver.Resolver:
+    """A dnspython async resolver on ``nameservers`` ((address, port) pairs) or the system's."""
+    if nameservers:
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in nameservers]
+    else:
+        r = dns.asyncresolver.Resolver()
+    r.timeout = timeout
+    r.lifetime = lifetime
+    return r
+
+
+class MxResolver:
+    """Resolves and caches the MX hosts of domains.
+
+    ``nameservers``: (address, port) pairs; ``None`` uses the system configuration.
+    """
+
+    def __init__(self, nameservers: Sequence[tuple[str, int]] | None = None, *,
+                 timeout: float = 5.0, lifetime: float = 12.0, allow_private: bool = False,
+                 cache_size: int = 100_000, negative_ttl: int = 300,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        r = make_resolver(nameservers, timeout=timeout, lifetime=lifetime)
+        r.cache = None  # we cache whole MxResults ourselves
+        self._r = r
+        self.allow_private = allow_private
+        self.negative_ttl = negative_ttl
+        self._cache: OrderedDict[str, tuple[float, MxResult]] = OrderedDict()
+        self._cache_size = cache_size
+        self._inflight: dict[str, asyncio.Future[MxResult]] = {}
+        self._clock = clock
+        self.lookups = 0
+
+    async def resolve(self, domain: str) -> MxResult:
+        """The MX routing of ``domain`` (cached for the records' TTL; concurrent calls share)."""
+        d = domain.lower().rstrip(".")
+        now = self._clock()
+        hit = self._cache.get(d)
+        if hit and hit[0] > now:
+            self._cache.move_to_end(d)
+            return hit[1]
+        fut = self._inflight.get(d)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[d] = fut
+        try:
+            result, ttl = await self._resolve(d)
+            if result.status is not MxStatus.FAILURE:  # failures are not cached
+                self._cache[d] = (self._clock() + ttl, result)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            fut.set_result(result)
+            return result
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._inflight[d]
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        self.lookups += 1
+        return await self._r.resolve(name, rdtype, search=False)
+
+    async def _addresses(self, host: str) -> tuple[list[str], int, str | None]:
+        """A and AAAA of ``host``: (addresses, ttl, failure detail or None)."""
+        ips: list[str] = []
+        ttl = 3600
+        failure = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                ans = await self._query(host, rdtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException as exc:
+                failure = f"{rdtype} {host}: {type(exc).__name__}"
+                continue
+            ttl = min(ttl, ans.rrset.ttl if ans.rrset else ttl)
+            ips.extend(r.to_text() for r in ans)
+        return ips, ttl, failure
+
+    async def _resolve(self, d: str) -> tuple[MxResult, int]:
+        try:
+            ans = await self._query(d, "MX")
+        except dns.resolver.NXDOMAIN:
+            return MxResult(d, MxStatus.NO_DOMAIN, detail="NXDOMAIN"), self.negative_ttl
+        except dns.resolver.NoAnswer:
+            ans = None
+        except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+            detail = "timeout" if isinstance(exc, dns.exception.Timeout) else "SERVFAIL"
+            return MxResult(d, MxStatus.FAILURE, detail=detail), 0
+        except dns.exception.DNSException as exc:
+            return MxResult(d, MxStatus.FAILURE, detail=type(exc).__name__), 0
+
+        if ans is None:
+            # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX (A/AAAA).
+            ips, ttl, failure = await self._addresses(d)
+            if not ips:
+                if failure:
+                    return MxResult(d, MxStatus.FAILURE, detail=failure), 0
+                return MxResult(d, MxStatus.NO_MAIL_HOST, detail="no MX and no A/AAAA"), \
+                    self.negative_ttl
+            return self._filter(d, [(0, d, ips)], implicit=True), ttl
+
+        ttl = ans.rrset.ttl if ans.rrset else 300
+        records = sorted(
+            ((int(r.preference), r.exchange.to_text().rstrip(".").lower()) for r in ans),
+            key=lambda x: x[0],
+        )
+        # RFC 7505 §3: a single "0 ." MX is a null MX. Stray "." entries are ignored.
+        real = [(p, h) for p, h in records if h not in ("", ".")]
+        if not real:
+            return MxResult(d, MxStatus.NULL_MX, detail="null MX (RFC 7505)"), ttl
+        hosts: list[tuple[int, str, list[str]]] = []
+        failures = []
+        results = await asyncio.gather(*(self._addresses(h) for _, h in real))
+        for (pref, host), (ips, attl, failure) in zip(real, results, strict=True):
+            ttl = min(ttl, attl)
+            if failure and not ips:
+                failures.append(failure)
+            hosts.append((pref, host, ips))
+        if not any(ips for _, _, ips in hosts):
+            if failures:
+                return MxResult(d, MxStatus.FAILURE, detail="; ".join(failures)), 0
+            return MxResult(d, MxStatus.NO_MX_ADDRESS,
+                            detail="no MX host has an address"), min(ttl, self.negative_ttl)
+        return self._filter(d, hosts, implicit=False), ttl
+
+    def _filter(self, d: str, hosts: list[tuple[int, str, list[str]]], *,
+                implicit: bool) -> MxResult:
+        kept: list[MxHost] = []
+        refused: list[str] = []
+        for pref, name, ips in hosts:
+            ok = []
+            for ip in ips:
+                if self.allow_private or is_public_address(ip):
+                    ok.append(ip)
+                else:
+                    refused.append(f"{name}={ip}")
+            if ok:
+                kept.append(MxHost(name, pref, tuple(ok)))
+        if not kept:
+            return MxResult(d, MxStatus.REFUSED, implicit=implicit, refused=tuple(refused),
+                            detail="MX addresses are private/reserved (use --allow-private-mx "
+                                   "only for a sandbox)")
+        return MxResult(d, MxStatus.OK, tuple(kept), implicit, refused=tuple(refused))

@@ -1,0 +1,168 @@
+"""The asyncio driver of a :class:`~sounding.smtp.session.ProbeSession`.
+
+A short loop: connect (optionally from a chosen source IP), read bytes, feed complete
+replies to the state machine, write what it returns, upgrade to TLS when told. Per-phase
+timeouts (connect, greeting, command) and a whole-session deadline bound every session; a
+byte cap bounds what a hostile server can make us read. Library errors (socket, ssl,
+asyncio) are translated into :mod:`sounding.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..errors import ConnectFailed, ConnectionLost, PhaseTimeout, SMTPTransportError
+from .reply import ProtocolError, ReplyParser
+from .session import ProbeSession, SessionOutcome
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase limits in seconds (RFC 5321 §4.5.3.2 suggests minutes; probes are shorter)."""
+
+    connect: float = 10.0
+    greeting: float = 30.0
+    command: float = 30.0
+    session: float = 120.0
+
+
+@dataclass
+class Transcript:
+    """Timestamped lines of both directions: ``(time, ">"|"<"|"*", text)``."""
+
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    lines: list[tuple[float, str, str]] = field(default_factory=list)
+    max_lines: int = 2000
+
+    def add(self, direction: str, text: str) -> None:
+        """Record one line (beyond ``max_lines`` only a marker is kept)."""
+        if len(self.lines) < self.max_lines:
+            self.lines.append((time.time(), direction, text))
+        elif len(self.lines) == self.max_lines:
+            self.lines.append((time.time(), "*", "transcript truncated"))
+
+    def render(self) -> str:
+        """Human-readable text."""
+        return "\n".join(f"{t:.3f} {d} {x}" for t, d, x in self.lines)
+
+
+@dataclass
+class SessionResult:
+    """What one session produced, with its evidence."""
+
+    mx_host: str
+    mx_ip: str
+    source_ip: str | None
+    outcome: SessionOutcome
+    transcript: Transcript
+    error: SMTPTransportError | None = None
+    unanswered: list[str] = field(default_factory=list)
+    started: float = 0.0
+    ended: float = 0.0
+
+    @property
+    def connected(self) -> bool:
+        """Did a greeting arrive?"""
+        return self.outcome.greeting is not None
+
+
+def _client_tls() -> ssl.SSLContext:
+    # Opportunistic TLS as MTAs do it (RFC 7435): encrypt, do not authenticate the peer.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+_TLS_CTX: ssl.SSLContext | None = None
+
+Opener = Callable[..., Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int, *,
+                      source_ip: str | None = None, timeouts: Timeouts = Timeouts(),
+                      max_bytes: int = 1_000_000,
+                      opener: Opener | None = None) -> SessionResult:
+    """Drive ``session`` against ``mx_ip:port``; never raises for network trouble."""
+    global _TLS_CTX
+    tr = Transcript()
+    res = SessionResult(mx_host, mx_ip, source_ip, session.out, tr, started=time.time())
+    writer: asyncio.StreamWriter | None = None
+    open_ = opener or asyncio.open_connection
+    try:
+        async with asyncio.timeout(timeouts.session):
+            tr.add("*", f"connect {mx_ip}:{port} ({mx_host}) from {source_ip or 'default'}")
+            try:
+                reader, writer = await asyncio.wait_for(
+                    open_(mx_ip, port, local_addr=(source_ip, 0) if source_ip else None),
+                    timeouts.connect)
+            except TimeoutError as exc:
+                raise ConnectFailed(f"connect to {mx_ip}:{port} timed out") from exc
+            except OSError as exc:
+                raise ConnectFailed(f"connect to {mx_ip}:{port}: {exc.strerror or exc}") from exc
+            assert writer is not None
+            parser = ReplyParser()
+            received = 0
+            phase = "greeting"
+            wait = timeouts.greeting
+            while not session.done:
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), wait)
+                except TimeoutError as exc:
+                    raise PhaseTimeout(phase) from exc
+                except (ConnectionError, ssl.SSLError) as exc:
+                    raise ConnectionLost(f"connection lost: {exc}") from exc
+                if not data:
+                    raise ConnectionLost(f"server closed the connection during {phase}")
+                received += len(data)
+                if received > max_bytes:
+                    raise ProtocolError(f"server sent more than {max_bytes} bytes")
+                for reply in parser.feed(data):
+                    for ln in reply.lines:
+                        tr.add("<", f"{reply.code} {ln}")
+                    step = session.on_reply(reply)
+                    if step.start_tls:
+                        if _TLS_CTX is None:
+                            _TLS_CTX = _client_tls()
+                        try:
+                            await asyncio.wait_for(
+                                writer.start_tls(_TLS_CTX, server_hostname=mx_host),
+                                timeouts.command)
+                        except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
+                            raise ConnectionLost(f"STARTTLS failed: {exc}") from exc
+                        tr.add("*", "TLS established")
+                    for line in step.send:
+                        tr.add(">", line.decode("utf-8", "replace").rstrip("\r\n"))
+                    if step.send:
+                        writer.write(b"".join(step.send))
+                        await writer.drain()
+                        phase = step.send[-1].split(b" ", 1)[0].strip().decode()
+                        wait = timeouts.command
+                    if step.close or session.done:
+                        break
+    except SMTPTransportError as exc:
+        res.error = exc
+        tr.add("*", f"error: {exc}")
+    except TimeoutError:
+        res.error = PhaseTimeout("session")
+        tr.add("*", "error: whole-session deadline")
+    except (ConnectionError, OSError) as exc:
+        res.error = ConnectionLost(str(exc))
+        tr.add("*", f"error: {exc}")
+    finally:
+        session.on_connection_lost()
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
+                pass
+        res.unanswered = session.unanswered
+        res.ended = time.time()
+    return res
+

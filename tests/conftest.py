@@ -1,0 +1,53 @@
+"""Shared fixtures: the sandbox mail world, started in the test's own event loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sounding.sandbox import Sandbox, World, default_world
+from sounding.settings import Settings
+from sounding.smtp.client import Timeouts
+
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+if not CORPORA.exists():  # a clone elsewhere: ../shared beside the repository
+    CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+
+
+def corpus(name: str) -> Path:
+    """A file of ../shared/corpora, or skip (fail under CI) when the corpora are absent."""
+    p = CORPORA / name
+    if not p.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"corpus {p} missing in CI")
+        pytest.skip(f"corpus {p} not present")
+    return p
+
+
+def sandbox_settings(sb: Sandbox, **kw: object) -> Settings:
+    """Verifier settings pointing at a running sandbox."""
+    base: dict[str, object] = dict(
+        nameservers=(sb.nameserver,), smtp_port=sb.smtp_port, allow_private_mx=True,
+        max_wait=30.0, timeouts=Timeouts(connect=2, greeting=5, command=5, session=30),
+        dns_timeout=1.0,
+    )
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def world_sandbox() -> AsyncIterator[Sandbox]:
+    """The bundled default world on free loopback addresses and ports."""
+    async with Sandbox(default_world(greylist_delay=1.0, tarpit_delay=0.2),
+                       smtp_port=0, dns_port=0) as sb:
+        yield sb
+
+
+async def start_world(world: World, **kw: object) -> Sandbox:
+    """Start a custom world (caller stops it)."""
+    sb = Sandbox(world, smtp_port=0, dns_port=0, **kw)  # type: ignore[arg-type]
+    await sb.start()
+    return sb

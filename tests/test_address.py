@@ -1,0 +1,70 @@
+"""Bytes-level: address syntax, normalisation and flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sounding.address import Flag, has_control_chars, parse_address, suggest_domain
+from sounding.errors import AddressError
+
+from .conftest import corpus
+
+
+def test_agrees_with_the_python_email_validator_suite() -> None:
+    total = agree = 0
+    for line in corpus("syntax/python_email_validator.jsonl").read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        # Policy-dependent rows, display names and IP literals (accepted and flagged here) aside.
+        if {"POLICY_DEPENDENT", "DISPLAY_NAME", "IP_LITERAL"} & set(row.get("tags", [])):
+            continue
+        if "test_environment" in row.get("note", ""):
+            continue
+        total += 1
+        try:
+            parse_address(row["address"])
+            got = "valid"
+        except AddressError:
+            got = "invalid"
+        agree += got == row["expected"]
+    assert total > 200
+    assert agree / total >= 0.98, f"{agree}/{total}"
+
+
+def test_control_characters_never_pass() -> None:
+    for bad in ["a\r\nb@x.example", "a@x.example\r\nDATA", "a\x00@x.example", "a\x7f@x.example",
+                "a\u2028@x.example", "a\x1b@x.example"]:
+        assert has_control_chars(bad)
+        with pytest.raises(AddressError) as ei:
+            parse_address(bad)
+        assert ei.value.code == "control_chars"
+
+
+def test_normalisation_idna_smtputf8_quoted_and_literals() -> None:
+    p = parse_address("  Alice@Bücher.Example ")
+    assert p.domain == "xn--bcher-kva.example" and p.local == "Alice"
+    assert p.normalized == "Alice@xn--bcher-kva.example"
+    assert parse_address("用户@example.com").smtputf8
+    assert Flag.QUOTED_LOCAL in parse_address('"john doe"@example.com').flags
+    assert parse_address("x@[192.0.2.1]").is_ip_literal
+    with pytest.raises(AddressError):
+        parse_address("no-at-sign.example")
+    with pytest.raises(AddressError, match="254"):
+        parse_address("a" * 64 + "@" + ".".join(["b" * 60] * 4) + ".com")
+
+
+def test_flags_role_disposable_free_and_typos() -> None:
+    assert Flag.ROLE in parse_address("postmaster@example.com").flags
+    assert Flag.ROLE in parse_address("info+x@example.com").flags
+    assert Flag.ROLE not in parse_address("alice@example.com").flags
+    assert Flag.DISPOSABLE in parse_address("x@mailinator.com").flags
+    assert Flag.FREE in parse_address("x@gmail.com").flags
+    p = parse_address("bob@gmial.com")
+    assert p.suggestion == "bob@gmail.com" and Flag.TYPO in p.flags
+    assert suggest_domain("hotmail.con") == "hotmail.com"
+    assert suggest_domain("yahooo.com") == "yahoo.com"
+    assert suggest_domain("gmail.com") is None
+    assert suggest_domain("mycompany.com") is None

@@ -1,0 +1,158 @@
+"""Whole flows: the command line against a sandbox running in another process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sounding.cli import app
+from sounding.errors import ConfigError
+from sounding.settings import load_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``sounding sandbox up`` as a real subprocess on its own subnet and ports."""
+    d = tmp_path_factory.mktemp("sb")
+    sample = d / "sample.csv"
+    log = d / "sessions.jsonl"
+    smtp_port, dns_port = "25251", "25353"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", "199", "--smtp-port", smtp_port,
+         "--dns-port", dns_port, "--sample", str(sample), "--log", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    assert proc.stdout is not None
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("verify with:"):
+            break
+        if proc.poll() is not None:
+            pytest.fail("sandbox exited: " + "".join(lines))
+    yield {"sample": str(sample), "log": str(log), "ns": f"127.199.255.53:{dns_port}", "port": smtp_port,
+           "banner": "".join(lines)}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    proc.stdout.close()
+
+
+def _common(sb: dict[str, str]) -> list[str]:
+    return ["--nameserver", sb["ns"], "--smtp-port", sb["port"], "--allow-private-mx", "--max-wait", "20"]
+
+
+def test_sandbox_up_prints_dns_and_a_sample_with_truth(sandbox_proc: dict[str, str]) -> None:
+    assert "DNS      127.199.255.53:25353" in sandbox_proc["banner"]
+    with open(sandbox_proc["sample"], encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= 300 and {"email", "truth_status", "truth_reason"} <= set(rows[0])
+    dig = subprocess.run(["python3", "-c", "import dns.resolver as r; x=r.Resolver(configure=False);"
+                          "x.nameservers=['127.199.255.53']; x.port=25353;"
+                          "print(x.resolve('honest.example','MX')[0])"], capture_output=True, text=True)
+    assert dig.stdout.strip() == "10 mx1.honest.example."
+
+
+def test_verify_json(sandbox_proc: dict[str, str]) -> None:
+    r = runner.invoke(app, ["verify", "alice@honest.example", "nobody0@honest.example", "x@nxdomain.example",
+                            "--json", *_common(sandbox_proc)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [d["status"] for d in data] == ["deliverable", "undeliverable", "undeliverable"]
+    assert data[0]["evidence"]["code"] == 250 and data[2]["reason"] == "no_domain"
+
+
+def test_verify_list_keeps_every_row_reports_bad_ones_and_neutralises_formulas(
+        sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(
+        "name,Email,notes\n"
+        "Alice,alice@honest.example,=HYPERLINK(\"http://x\")\n"
+        "Bob,nobody0@honest.example,\n"
+        "Bad,not an address,\n"
+        "Short\n"
+        "Nul,al\x00ice@honest.example,\n"
+        "Dup,alice@honest.example,+1\n"
+        ",,\n"
+        "Grey,alice@greylist.example,\n",
+        encoding="utf-8")
+    out = tmp_path / "out.csv"
+    r = runner.invoke(app, ["verify-list", str(src), "-o", str(out), *_common(sandbox_proc)])
+    assert r.exit_code == 0, r.output
+    with open(out, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [x["name"] for x in rows] == ["Alice", "Bob", "Bad", "Short", "Nul", "Dup", "Grey"]
+    by = {x["name"]: x for x in rows}
+    assert by["Alice"]["status"] == "deliverable" and by["Alice"]["smtp_code"] == "250"
+    assert by["Alice"]["notes"].startswith("'=")  # CSV injection neutralised
+    assert by["Dup"]["notes"] == "'+1"
+    assert by["Bob"]["status"] == "undeliverable" and by["Bob"]["reason"] == "no_mailbox"
+    assert by["Bob"]["smtp_enhanced"] == "5.1.1"
+    assert by["Bad"]["reason"] == "syntax" and by["Nul"]["reason"] == "syntax"
+    assert by["Short"]["error"] and by["Short"]["reason"] == "syntax"
+    assert by["Grey"]["status"] == "deliverable"
+    assert {"status", "reason", "flags", "mx", "smtp_code", "smtp_enhanced", "smtp_text", "checked_at"} <= set(rows[0])
+    assert "deliverable" in r.stderr and "total=7" in r.stderr
+
+
+def test_verify_list_without_header_and_jsonl_output(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("1;alice@honest.example\n2;former@honest.example\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = runner.invoke(app, ["verify-list", str(src), "-o", str(out), "--format", "jsonl", *_common(sandbox_proc)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["verdict"]["reason"] for x in lines] == ["accepted", "mailbox_disabled"]
+
+
+def test_sessions_of_the_cli_runs_obey_the_conduct_contract(sandbox_proc: dict[str, str]) -> None:
+    from sounding.sandbox.log import FORBIDDEN_VERBS, read_records, sessions_from
+
+    sessions = sessions_from(read_records(sandbox_proc["log"]))
+    assert sessions
+    assert not [v for s in sessions for v in s.verbs if v in FORBIDDEN_VERBS]
+    assert all(s.quit_sent for s in sessions)
+
+
+def test_settings_from_env_and_toml(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[sounding]\nhelo = "mx.ops.example"\nconcurrency = 7\nconnect_timeout = 3\n')
+    s = load_settings(cfg, env={"SOUNDING_CONCURRENCY": "9", "SOUNDING_NAMESERVERS": "127.0.0.1:5353"})
+    assert s.helo == "mx.ops.example" and s.concurrency == 9 and s.timeouts.connect == 3
+    assert s.nameservers == (("127.0.0.1", 5353),)
+    with pytest.raises(ConfigError):
+        load_settings(env={"SOUNDING_HELO": "localhost"})
+    cfg.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(cfg, env={})
+
+
+def test_bad_input_file_is_a_clear_error(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["verify-list", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o.csv")])
+    assert r.exit_code == 2 and "cannot read" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_matches_the_ground_truth() -> None:
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "sounding", "demo"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "339/339 verdicts match the ground truth" in p.stdout
+    assert "0 forbidden commands" in p.stdout
