@@ -162,8 +162,10 @@ async def test_a_forced_block_quarantines_retries_once_from_another_ip_then_paus
         got = {x.address: x async for x in v.verify_many(
             ["alice@wall.example", "bob@wall.example", "zed@wall.example", "carol@fine.example"])}
         for a in ("alice@wall.example", "bob@wall.example", "zed@wall.example"):
-            assert got[a].status is Status.UNKNOWN and got[a].reason is Reason.PAUSED, got[a]
+            # met the block from both sources: unknown, the block's evidence kept
+            assert got[a].status is Status.UNKNOWN and got[a].reason is Reason.IP_BLOCKED, got[a]
             assert got[a].retry_after is not None and got[a].retry_after >= 3600
+            assert got[a].evidence.code is not None and got[a].evidence.code >= 400
         assert got["carol@fine.example"].status is Status.DELIVERABLE
         wall = sb.log.sessions("mx.wall.example")
         assert len(wall) == 2 and len({s.client for s in wall}) == 2  # one retry from another IP

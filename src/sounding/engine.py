@@ -636,6 +636,7 @@ class Verifier:
         unknowns = 0
         requeue: list[_Job] = []
         by_rcpt = {j.rcpt: j for j in chunk}
+        settled: set[int] = set()  # jobs already answered here (a block that paused the receiver)
         answered_rcpts = [r for r in out.replies if out.replies[r] is not out.fatal]
         if out.pipelined:
             self.stats.rcpt_round_trips += 1 if answered_rcpts else 0
@@ -657,7 +658,9 @@ class Verifier:
                        or (j.rcpt in out.replies
                            and classify(out.replies[j.rcpt]).outcome is Outcome.IP_BLOCKED)]
             if blocked:
-                requeue.extend(self._blocked(g, src, blocked, out.replies.get(blocked[0].rcpt) or out.fatal))
+                retry = self._blocked(g, src, blocked, res, inflight)
+                requeue.extend(retry)
+                settled.update(id(j) for j in blocked if j not in retry)
             else:
                 lim.recover()
         if out.rcpt_accepted_before_limit is not None:
@@ -667,7 +670,7 @@ class Verifier:
             if by_rcpt[r] not in requeue:
                 requeue.append(by_rcpt[r])
         for rcpt, reply in out.replies.items():
-            if rcpt not in by_rcpt or by_rcpt[rcpt] in requeue:
+            if rcpt not in by_rcpt or by_rcpt[rcpt] in requeue or id(by_rcpt[rcpt]) in settled:
                 continue
             j = by_rcpt[rcpt]
             cls = classify(reply)
@@ -694,7 +697,7 @@ class Verifier:
             self._resolve_job(j, None, inflight, reply=reply, cls=cls, evidence=ev)
         # recipients never answered (connection lost, timeout, refused everywhere)
         for j in chunk:
-            if j.rcpt in out.replies or j in requeue:
+            if j.rcpt in out.replies or j in requeue or id(j) in settled:
                 continue
             if j.kind != "client" and self._domain_state(j.parsed.domain).catch_all.done():
                 continue
@@ -738,10 +741,15 @@ class Verifier:
                 heapq.heappush(g.delayed, (j.not_before, g.seq, j))
         return unknowns
 
-    def _blocked(self, g: _Group, src: Source, jobs: list[_Job], reply: Reply | None) -> list[_Job]:
-        """The receiver blocked ``src``: quarantine (or ban) it for this receiver; retry the
-        recipients once from another healthy source; if there is none, or they were already
-        retried, pause the receiver for everyone (the group loop then answers unknown)."""
+    def _blocked(self, g: _Group, src: Source, jobs: list[_Job], res: SessionResult,
+                 inflight: dict[str, _Job]) -> list[_Job]:
+        """The receiver blocked ``src``: quarantine (or ban) it for this receiver; return the
+        recipients to retry once from another healthy source.  If there is none, or they
+        were already retried, pause the receiver for everyone: these recipients are unknown
+        (ip_blocked, with the block's evidence) and the group loop answers the rest unknown
+        (receiver_paused).  A block is about us, never about the mailbox."""
+        out = res.outcome
+        reply = out.replies.get(jobs[0].rcpt) or out.fatal
         self.stats.blocks += 1
         text = f"{reply.code} {reply.text}"[:300] if reply is not None else "blocked"
         rep = self.pool.report_block(src.key, g.receiver, text)
@@ -756,10 +764,22 @@ class Verifier:
                 j.pin = None
                 j.not_before = 0.0
             self.stats.block_retries += len(jobs)
-        elif self.pool.paused_until(g.receiver) is None:
+            return jobs
+        if self.pool.paused_until(g.receiver) is None:
             self.pool.pause(g.receiver, f"blocked from {src.key}: {text}")
             self.stats.paused_receivers += 1
-        return jobs
+        until = self.pool.paused_until(g.receiver)
+        hint = max(60.0, until - self.wall_clock()) if until else self.settings.quarantine
+        for j in jobs:
+            last = out.replies.get(j.rcpt) or out.fatal
+            cls = classify(last) if last is not None else None
+            ev = Evidence(res.mx_host, res.mx_ip, res.source_ip,
+                          last.code if last else None, last.enhanced_str if last else None,
+                          last.text[:500] if last else None, res.transcript.id,
+                          cls.blocklist if cls else None, cls.delist_url if cls else None)
+            self._resolve_job(j, unknown(j.rcpt, Reason.IP_BLOCKED, evidence=ev, hint=hint,
+                                         flags=_flags(j.parsed), **_kw(j.parsed)), inflight)
+        return []
 
     def _resolve_job(self, j: _Job, v: Verdict | None, inflight: dict[str, _Job], *,
                      reply: Reply | None = None, cls: Any = None,
