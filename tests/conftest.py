@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,43 @@ async def start_world(world: World, **kw: object) -> Sandbox:
     sb = Sandbox(world, smtp_port=0, dns_port=0, **kw)  # type: ignore[arg-type]
     await sb.start()
     return sb
+
+
+@pytest.fixture(scope="session")
+def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``sounding sandbox up`` as a real subprocess on its own subnet and ports."""
+    d = tmp_path_factory.mktemp("sb")
+    sample = d / "sample.csv"
+    log = d / "sessions.jsonl"
+    smtp_port, dns_port = "25251", "25353"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", "199", "--smtp-port", smtp_port,
+         "--dns-port", dns_port, "--sample", str(sample), "--log", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    assert proc.stdout is not None
+    lines = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("verify with:"):
+            break
+        if proc.poll() is not None:
+            pytest.fail("sandbox exited: " + "".join(lines))
+    yield {"sample": str(sample), "log": str(log), "ns": f"127.199.255.53:{dns_port}", "port": smtp_port,
+           "banner": "".join(lines)}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    proc.stdout.close()
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test keeps its reputation, exemptions and canaries in its own directory."""
+    d = tmp_path / "state"
+    monkeypatch.setenv("SOUNDING_STATE_DIR", str(d))
+    return d

@@ -39,6 +39,8 @@ PrivOpt = Annotated[bool, typer.Option("--allow-private-mx",
 WaitOpt = Annotated[float | None, typer.Option("--max-wait", help="Seconds a verdict may stay pending.")]
 ConcOpt = Annotated[int | None, typer.Option("--concurrency", help="Sessions in flight overall.")]
 CfgOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
+StateOpt = Annotated[Path | None, typer.Option(
+    "--state-dir", help="Where reputation, opt-outs and canaries are kept (default: the data dir).")]
 
 
 def _settings(config: Path | None, **kw: Any) -> Settings:
@@ -65,13 +67,14 @@ def verify(
     helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None,
     nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
     max_wait: WaitOpt = None, concurrency: ConcOpt = None, config: CfgOpt = None,
+    state_dir: StateOpt = None,
 ) -> None:
     """Verify addresses given on the command line."""
     try:
         s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip,
                       nameservers=nameserver, smtp_port=smtp_port,
                       allow_private_mx=allow_private_mx, max_wait=max_wait,
-                      concurrency=concurrency)
+                      concurrency=concurrency, state_dir=str(state_dir) if state_dir else None)
     except SoundingError as exc:
         _fail(exc)
         return
@@ -149,6 +152,7 @@ def verify_list(
     helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None,
     nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
     max_wait: WaitOpt = None, concurrency: ConcOpt = None, config: CfgOpt = None,
+    state_dir: StateOpt = None,
 ) -> None:
     """Verify a list; keep every input column and append the verdict columns."""
     if fmt not in ("csv", "jsonl"):
@@ -157,7 +161,7 @@ def verify_list(
         s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip,
                       nameservers=nameserver, smtp_port=smtp_port,
                       allow_private_mx=allow_private_mx, max_wait=max_wait,
-                      concurrency=concurrency)
+                      concurrency=concurrency, state_dir=str(state_dir) if state_dir else None)
         fh = open_text(input_path)
         reader = ListReader(fh, column=column)
     except SoundingError as exc:

@@ -20,6 +20,7 @@ from .cli import (
     PortOpt,
     PrivOpt,
     SrcOpt,
+    StateOpt,
     _fail,
     _settings,
     app,
@@ -38,8 +39,6 @@ exempt_app = typer.Typer(no_args_is_help=True, help="The opt-out registry (never
 canary_app = typer.Typer(no_args_is_help=True, help="Known addresses re-verified to notice server changes.")
 app.add_typer(exempt_app, name="exempt")
 app.add_typer(canary_app, name="canaries")
-
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Where state is kept (default: data dir).")]
 
 
 def _state(config: Path | None, state_dir: Path | None) -> Path:

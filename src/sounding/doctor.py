@@ -9,6 +9,7 @@ no pool address on the DNSBLs; outbound port 25 reachable (against a configured 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,6 +80,12 @@ async def spf_covers(r: dns.asyncresolver.Resolver, domain: str, ip: str, *, _bu
         raise SPFError(f"{domain} has {len(recs)} SPF records (RFC 7208 §4.5: permerror)")
     addr = ipaddress.ip_address(ip)
     redirect = None
+
+    def spend() -> None:  # before the lookup, so that a loop of includes ends
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SPFError("more than 10 DNS lookups (RFC 7208 §4.6.4)")
+
     for term in recs[0].split()[1:]:
         q = "+"
         if term[0] in "+-~?":
@@ -90,21 +97,21 @@ async def spf_covers(r: dns.asyncresolver.Resolver, domain: str, ip: str, *, _bu
             if k.lower() == "redirect":
                 redirect = v
             continue
-        cidr = None
-        if "/" in arg or (not arg and "/" in name):
-            if not arg:
-                name, _, cidr = name.partition("/")
-            else:
-                arg, _, cidr = arg.partition("/")
         hit = False
         if name in ("ip4", "ip6"):
-            try:
+            try:  # RFC 7208 §5.6: ip4:<network>[/<len>]
                 hit = addr in ipaddress.ip_network(arg, strict=False)
             except (ValueError, TypeError):
                 raise SPFError(f"bad {name} term {arg!r} in {domain}'s SPF") from None
-        elif name in ("a", "mx"):
-            budget[0] -= 1
-            target = arg or domain
+        elif name.partition("/")[0] in ("a", "mx"):
+            # RFC 7208 §5.3/§5.4: a[:domain][/ip4-cidr][//ip6-cidr]
+            spec = f"{name}:{arg}" if arg else name
+            head, _, v6len = spec.partition("//")
+            head, _, v4len = head.partition("/")
+            name, _, target = head.partition(":")
+            cidr = v4len if addr.version == 4 else v6len
+            spend()
+            target = target or domain
             hosts = [target]
             if name == "mx":
                 mx = await _names(r, target, "MX")
@@ -114,18 +121,37 @@ async def spf_covers(r: dns.asyncresolver.Resolver, domain: str, ip: str, *, _bu
                     net = ipaddress.ip_network(f"{a}/{cidr}" if cidr else a, strict=False)
                     hit = hit or (addr.version == net.version and addr in net)
         elif name == "include":
-            budget[0] -= 1
+            spend()
             hit = await spf_covers(r, arg, ip, _budget=budget)
         elif name == "all":
             hit = True
-        if budget[0] < 0:
-            raise SPFError("more than 10 DNS lookups (RFC 7208 §4.6.4)")
         if hit:
             return q == "+"
     if redirect:
-        budget[0] -= 1
+        spend()
         return await spf_covers(r, redirect, ip, _budget=budget)
     return False
+
+
+async def _greet_and_quit(host: str, port: int) -> str:
+    """Connect, read the greeting, say QUIT (RFC 5321 §4.1.1.10): a polite reachability test."""
+    reader, writer = await asyncio.open_connection(host, port, limit=4096)
+    try:
+        line = b""
+        for _ in range(50):  # a multi-line greeting ends with "NNN " (RFC 5321 §4.2.1)
+            line = await reader.readline()
+            if not line:
+                raise ValueError("closed before greeting")
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        await reader.readline()
+        return line.decode("ascii", "replace").strip()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def run_doctor(settings: Settings, *, port25_host: str | None = None, port25_port: int = 25,
@@ -193,10 +219,10 @@ async def run_doctor(settings: Settings, *, port25_host: str | None = None, port
                 checks.append(Check(f"DNSBLs for {ip}", Level.OK, f"not on {', '.join(s.dnsbl_zones)}"))
     if port25_host:
         try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(port25_host, port25_port), timeout)
-            w.close()
-            checks.append(Check("outbound port 25", Level.OK, f"connected to {port25_host}:{port25_port}"))
-        except (OSError, TimeoutError) as exc:
+            greeting = await asyncio.wait_for(_greet_and_quit(port25_host, port25_port), timeout)
+            checks.append(Check("outbound port 25", Level.OK,
+                                f"{port25_host}:{port25_port} greeted: {greeting[:80]}"))
+        except (OSError, TimeoutError, ValueError) as exc:
             checks.append(Check("outbound port 25", Level.FAIL, f"{port25_host}:{port25_port}: {exc or 'timeout'}",
                                 "ask your provider to open outbound port 25, or use a SOCKS5 source"))
     else:

@@ -405,6 +405,9 @@ class Verifier:
                 self._finish(j, unknown(j.rcpt, Reason.IP_LITERAL, flags=_flags(j.parsed),
                                         **_kw(j.parsed)), inflight)
             return
+        if self.exemptions is not None and self.exemptions.domain_exempt(domain) is not None:
+            self._skip_exempt(jobs, inflight)  # opted out: not even its DNS is asked
+            return
         mx = await self.resolver.resolve(domain)
         for j in jobs:
             v = from_dns(j.rcpt, mx, _flags(j.parsed), **_kw(j.parsed))
@@ -413,10 +416,7 @@ class Verifier:
         if from_dns(domain, mx, frozenset()) is not None:
             return
         if self._exempt(domain, mx):
-            self.stats.exempt_skipped += len(jobs)
-            for j in jobs:
-                self._finish(j, unknown(j.rcpt, Reason.EXEMPT, flags=_flags(j.parsed),
-                                        **_kw(j.parsed)), inflight)
+            self._skip_exempt(jobs, inflight)
             return
         if Flag.DISPOSABLE in first.flags:
             for j in jobs:
@@ -432,6 +432,12 @@ class Verifier:
         g.wake.set()
         if g.task is None or g.task.done():
             g.task = self._spawn(self._run_group(g, inflight))
+
+    def _skip_exempt(self, jobs: list[_Job], inflight: dict[str, _Job]) -> None:
+        self.stats.exempt_skipped += len(jobs)
+        for j in jobs:
+            self._finish(j, unknown(j.rcpt, Reason.EXEMPT, flags=_flags(j.parsed),
+                                    **_kw(j.parsed)), inflight)
 
     def _exempt(self, domain: str, mx: MxResult) -> bool:
         """Opted out: the domain, one of its MX host names or MX addresses."""

@@ -23,7 +23,8 @@ from ..verdict import Verdict
 _MASKS = [
     (re.compile(r"<?[^\s<>@]+@[^\s<>]+>?"), "<addr>"),
     (re.compile(r"\[?\b\d{1,3}(?:\.\d{1,3}){3}\b\]?"), "<ip>"),
-    (re.compile(r"\b[0-9a-f]*\d[0-9a-f]*\b", re.I), "#"),
+    # queue ids, times, counters: any word with a digit in it ("5a7sm1234567wrb.12" -> "#")
+    (re.compile(r"[\w.-]*\d[\w.-]*"), "#"),
     (re.compile(r"\s+"), " "),
 ]
 

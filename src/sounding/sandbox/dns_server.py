@@ -112,8 +112,9 @@ class WorldResolver(BaseResolver):  # type: ignore[misc]
             for ip in extra or ():
                 if ipaddress.ip_address(ip).version == 6:
                     reply.add_answer(RR(q.qname, QTYPE.AAAA, ttl=ttl, rdata=AAAA(ip)))
-        if qtype in ("TXT", "ANY") and dom is not None and dom.spf:
-            reply.add_answer(RR(q.qname, QTYPE.TXT, ttl=ttl, rdata=TXT(dom.spf)))
+        if qtype in ("TXT", "ANY") and dom is not None:
+            for txt in ([dom.spf] if dom.spf else []) + list(dom.txt):
+                reply.add_answer(RR(q.qname, QTYPE.TXT, ttl=ttl, rdata=TXT(txt)))
         if qtype == "NS" and dom is not None:
             reply.add_answer(RR(q.qname, QTYPE.NS, ttl=ttl, rdata=NS("ns.sandbox.invalid.")))
         if not reply.rr:

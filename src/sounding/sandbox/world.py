@@ -144,6 +144,8 @@ class Domain:
     unknown: tuple[str, ...] = ()
     #: SPF record served as TXT (used by the self-audit).
     spf: str | None = None
+    #: Further TXT records (e.g. a second, conflicting SPF record).
+    txt: tuple[str, ...] = ()
 
     def mailbox_state(self, local: str) -> Literal["ok", "full", "disabled", "unknown"]:
         """State of ``local@domain`` (local parts compare case-insensitively)."""
@@ -254,6 +256,7 @@ class World:
         for key in ("mailboxes", "full", "disabled"):
             kw[key] = frozenset(x.lower() for x in kw.get(key, ()))
         kw["unknown"] = tuple(kw.get("unknown", ()))
+        kw["txt"] = tuple(kw.get("txt", ()))
         kw["mx"] = tuple((int(p), str(h).lower()) for p, h in kw.get("mx", ()))
         dom = Domain(name.lower(), **kw)
         self.domains[dom.name] = dom
