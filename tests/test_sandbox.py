@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -361,3 +367,64 @@ def test_default_world_covers_every_personality_with_ground_truth() -> None:
     assert len(sample) >= 300
     statuses = {t.status for _, t, _ in sample}
     assert statuses == {"deliverable", "undeliverable", "risky", "unknown"}
+
+
+# ----------------------------------------------------------------------------- as root and as a user
+def _as_user_prefix() -> list[str]:
+    """Run as an unprivileged user: a user namespace maps us to uid 1000 with no capabilities
+    in the machine's namespaces (the interpreter under /root stays readable)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("unshare") is None:
+        if os.environ.get("CI"):
+            pytest.fail("unshare(1) missing: cannot test the sandbox as a normal user")
+        pytest.skip("unshare(1) missing")
+    return ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+
+
+@pytest.mark.parametrize(("who", "subnet", "smtp_port", "dns_port"),
+                         [("user", "198", 2525, 5353), ("root", "196", 25, 53)])
+def test_sandbox_up_runs_as_a_normal_user_and_as_root(tmp_path: Path, who: str, subnet: str,
+                                                       smtp_port: int, dns_port: int) -> None:
+    if who == "root" and os.geteuid() != 0:
+        pytest.skip("not root")
+    prefix = _as_user_prefix() if who == "user" else []
+    if prefix:  # a sanity check of the premise: this user cannot bind port 25
+        r = subprocess.run([*prefix, sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 25))"],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+    log, sample = tmp_path / "log.jsonl", tmp_path / "sample.csv"
+    tmp_path.chmod(0o777)
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet,
+                             "--log", str(log), "--sample", str(sample)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    assert proc.stdout is not None
+    try:
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if line.startswith("verify with:"):
+                break
+        assert proc.poll() is None, "".join(banner)
+        dns_ip = f"127.{subnet}.255.53"
+        assert f"DNS      {dns_ip}:{dns_port}" in "".join(banner)
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers, res.port = [dns_ip], dns_port
+        mx_ip = str(res.resolve("mx1.honest.example", "A")[0])
+        with smtplib.SMTP(mx_ip, smtp_port, timeout=5) as s:
+            assert s.ehlo("probe.sounding.example")[0] == 250
+            assert s.mail("verify@sounding.example")[0] == 250
+            assert s.rcpt("alice@honest.example")[0] == 250
+            assert s.rcpt("nobody0@honest.example")[:1] == (550,)
+        assert sample.stat().st_size > 1000
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    recs = [json.loads(x) for x in log.read_text("utf-8").splitlines() if x.strip()]
+    assert [r.get("verb") for r in recs if r.get("ev") == "cmd"] == ["EHLO", "MAIL", "RCPT", "RCPT", "QUIT"]
