@@ -313,4 +313,5 @@ def main() -> None:  # pragma: no cover - console entry
     app()
 
 
-from . import cli_courtesy  # noqa: E402, F401 - registers exempt, doctor, canaries, reputation
+# registers exempt, doctor, canaries, reputation; serve, clients, jobs
+from . import cli_courtesy, cli_service  # noqa: E402, F401

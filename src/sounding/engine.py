@@ -107,6 +107,7 @@ class _Domain:
 
     name: str
     catch_all: asyncio.Future[CatchAll]
+    created: float = 0.0
     probe_assigned: bool = False
     postmaster: Reply | None = None
 
@@ -192,6 +193,11 @@ class _Group:
 
 
 _LOCAL_CHARS = string.ascii_lowercase + string.digits
+
+
+#: Yielded by an open-ended feed when it has nothing more for the moment: the verifier then
+#: starts what it has read instead of waiting to batch more (see service.dispatch).
+FLUSH: Any = type("Flush", (str,), {"__repr__": lambda self: "FLUSH"})("")
 
 
 class Verifier:
@@ -351,6 +357,9 @@ class Verifier:
 
         idx = 0
         async for raw in items():
+            if raw is FLUSH:  # the feed has nothing more for now: start what we have
+                flush()
+                continue
             if window.locked():
                 flush()
             await window.acquire()
@@ -390,8 +399,11 @@ class Verifier:
     # ------------------------------------------------------------------ domain
     def _domain_state(self, name: str) -> _Domain:
         d = self._domains.get(name)
+        if d is not None and d.catch_all.done() and \
+                self.clock() - d.created > self.settings.catch_all_ttl:
+            d = None  # a long-running verifier learns again: servers change
         if d is None:
-            d = _Domain(name, asyncio.get_running_loop().create_future())
+            d = _Domain(name, asyncio.get_running_loop().create_future(), self.clock())
             self._domains[name] = d
             if len(self._domains) > 50_000:
                 self._domains.popitem(last=False)

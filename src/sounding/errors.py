@@ -11,6 +11,7 @@ cannot bind its addresses.
     ├── ConfigError            bad settings, world file or command-line values
     ├── InputError             an input list that cannot be read at all
     ├── SandboxError           the simulated mail world could not start
+    ├── StoreError             the database cannot be opened or migrated
     ├── AddressError           an address that cannot be parsed (carries the reason)
     └── TransportError         network failures, translated at the boundary
         ├── DNSFailure         SERVFAIL, timeout, no nameserver answered
@@ -33,6 +34,10 @@ class ConfigError(SoundingError):
 
 class InputError(SoundingError):
     """An input file that cannot be read at all (a bad *row* is data, not an error)."""
+
+
+class StoreError(SoundingError):
+    """The database cannot be opened, migrated or written."""
 
 
 class SandboxError(SoundingError):

@@ -69,6 +69,24 @@ class Settings:
     #: Where reputation state and the exemption registry are kept (None: memory only;
     #: the command line uses the user's data directory).
     state_dir: str | None = None
+    #: Catch-all findings are trusted this long within one long-running verifier (seconds).
+    catch_all_ttl: float = 3600.0
+
+    # ---- the service (``sounding serve``)
+    #: SQLAlchemy URL; None = SQLite in the data directory. ``postgresql+psycopg://...`` works too.
+    db_url: str | None = None
+    #: A definitive verdict is reused this long (seconds); an unknown one at most ``reuse_unknown``.
+    reuse_definitive: float = 7 * 86_400.0
+    reuse_unknown: float = 3600.0
+    #: Largest accepted upload (bytes) and addresses a client may submit per day.
+    max_upload_bytes: int = 50 * 1024 * 1024
+    daily_quota: int = 1_000_000
+    #: Who runs this service: shown on the public policy page and to mail administrators.
+    operator_name: str = "Sounding operator"
+    operator_email: str = "abuse@sounding.example"
+    operator_url: str = ""
+    #: Secret for CSRF tokens and session cookies (None: random per process).
+    secret_key: str | None = None
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with changes (validated)."""

@@ -111,6 +111,15 @@ class Verdict:
                          if getattr(self.evidence, k) is not None},
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        """The inverse of :meth:`to_dict` (for verdicts read back from the store)."""
+        ev = d.get("evidence") or {}
+        return cls(d["address"], Status(d["status"]), Reason(d["reason"]), frozenset(d.get("flags") or ()),
+                   Evidence(**{k: ev[k] for k in Evidence.__slots__ if k in ev}),
+                   d.get("retry_after"), d.get("suggestion"), d.get("normalized"),
+                   d.get("checked_at") or "")
+
 
 _RETRY = {  # seconds after which a retry may help
     Reason.DNS_FAILURE: 3600.0, Reason.GREYLISTED: 300.0, Reason.RATE_LIMITED: 3600.0,

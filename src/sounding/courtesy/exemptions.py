@@ -89,6 +89,11 @@ class ExemptionRegistry:
         self._save()
         return gone
 
+    def replace_all(self, entries: Iterable[Exemption]) -> None:
+        """Take the whole registry from elsewhere (the service's database)."""
+        self._entries = {(e.kind, e.value): e for e in entries}
+        self._save()
+
     def import_lines(self, lines: Iterable[str], kind: Kind | None = None) -> tuple[int, list[str]]:
         """Add one entry per line (``#`` comments and blank lines skipped); (added, errors)."""
         added, errors = 0, []

@@ -1,0 +1,211 @@
+"""Command-line service tools: ``serve``, ``clients``, ``jobs submit|status|results``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .cli import CfgOpt, FromOpt, HeloOpt, NsOpt, PortOpt, PrivOpt, SrcOpt, _fail, _settings, app, err, out
+from .errors import SoundingError
+from .store import Store
+
+clients_app = typer.Typer(no_args_is_help=True, help="API clients and their keys.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Bulk jobs on a running service.")
+app.add_typer(clients_app, name="clients")
+app.add_typer(jobs_app, name="jobs")
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")]
+UrlOpt = Annotated[str, typer.Option("--url", envvar="SOUNDING_URL", help="The service's base URL.")]
+KeyOpt = Annotated[str, typer.Option("--key", envvar="SOUNDING_API_KEY", help="Your API key.")]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Listen port.")] = 8025,
+    db: DbOpt = None, helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None,
+    nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run jobs in this process.")] = True,
+    config: CfgOpt = None,
+) -> None:
+    """Run the HTTP API, the web pages and the job worker (uvicorn)."""
+    import uvicorn
+
+    from .service import create_app
+
+    try:
+        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
+                      smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    if not s.secret_key:
+        s = s.with_(secret_key=secrets.token_hex(32))
+    err.print(f"serving on http://{host}:{port}/ (API docs at /docs), database "
+              f"{s.db_url or 'in the data directory'}")
+    uvicorn.run(create_app(s, worker=worker), host=host, port=port, log_level="warning",
+                proxy_headers=False)
+
+
+@clients_app.command("add")
+def clients_add(
+    name: Annotated[str, typer.Argument(help="Who the client is.")],
+    operator: Annotated[bool, typer.Option("--operator", help="May manage exemptions and see /ops.")] = False,
+    quota: Annotated[int | None, typer.Option("--quota", help="Addresses per day (default: settings).")] = None,
+    db: DbOpt = None, config: CfgOpt = None,
+) -> None:
+    """Create a client and print its API key (shown once; only a hash is stored)."""
+    try:
+        s = _settings(config, db_url=db)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+
+    async def go() -> tuple[int, str]:
+        st = await Store.open(s.db_url)
+        try:
+            c, key = await st.create_client(name, operator=operator, daily_quota=quota)
+            return c.id, key
+        finally:
+            await st.close()
+
+    try:
+        cid, key = asyncio.run(go())
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    err.print(f"client {cid} {name!r}{' (operator)' if operator else ''}; its API key:")
+    print(key)
+
+
+@clients_app.command("list")
+def clients_list(db: DbOpt = None, config: CfgOpt = None) -> None:
+    """Show clients (never their keys)."""
+    s = _settings(config, db_url=db)
+
+    async def go() -> list[Any]:
+        st = await Store.open(s.db_url)
+        try:
+            return await st.clients()
+        finally:
+            await st.close()
+
+    t = Table("id", "name", "key starts", "operator", "daily quota")
+    for c in asyncio.run(go()):
+        t.add_row(str(c.id), c.name, c.key_prefix + "…", "yes" if c.operator else "", str(c.daily_quota or "default"))
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------- HTTP client
+def _call(method: str, url: str, key: str, body: bytes | None = None, ctype: str | None = None,
+          accept: str = "application/json") -> tuple[int, bytes, dict[str, str]]:
+    req = urllib.request.Request(url, data=body, method=method)
+    req.add_header("X-API-Key", key)
+    req.add_header("Accept", accept)
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 - the user's own service URL
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+    except urllib.error.URLError as e:
+        raise SoundingError(f"cannot reach {url}: {e.reason}") from e
+
+
+def _check(status: int, body: bytes) -> Any:
+    if status >= 400:
+        try:
+            p = json.loads(body)
+            msg = f"{p.get('title')}: {p.get('detail')}"
+        except ValueError:
+            msg = body[:300].decode("utf-8", "replace")
+        raise SoundingError(f"HTTP {status} {msg}")
+    return json.loads(body) if body else None
+
+
+def _multipart(path: Path, column: str | None) -> tuple[bytes, str]:
+    boundary = "sounding" + secrets.token_hex(12)
+    ctype = mimetypes.guess_type(path.name)[0] or "text/csv"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+             f"Content-Type: {ctype}\r\n\r\n".encode() + path.read_bytes() + b"\r\n"]
+    if column:
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"column\"\r\n\r\n{column}\r\n".encode())
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    path: Annotated[Path, typer.Argument(help="CSV or JSON-lines list.")],
+    url: UrlOpt = "http://127.0.0.1:8025", key: KeyOpt = "",
+    column: Annotated[str | None, typer.Option("--column", help="E-mail column name.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress until the job ends.")] = False,
+) -> None:
+    """Upload a list; prints the job id."""
+    try:
+        body, ctype = _multipart(path, column)
+        job = _check(*_call("POST", f"{url.rstrip('/')}/v1/jobs", key, body, ctype)[:2])
+    except (OSError, SoundingError) as exc:
+        _fail(SoundingError(str(exc)))
+        return
+    print(job["id"])
+    if wait:
+        _follow(url, key, job["id"])
+
+
+def _follow(url: str, key: str, job_id: str) -> dict[str, Any]:
+    while True:
+        p = _check(*_call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}", key)[:2])
+        err.print(f"{p['state']}: {p['done']}/{p['total']} ({p['percent']} %)"
+                  + (f", ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") else ""))
+        if p["state"] not in ("queued", "running"):
+            return p  # type: ignore[no-any-return]
+        time.sleep(2)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, url: UrlOpt = "http://127.0.0.1:8025", key: KeyOpt = "",
+                wait: Annotated[bool, typer.Option("--wait", help="Follow until the job ends.")] = False) -> None:
+    """A job's progress (JSON)."""
+    try:
+        p = _follow(url, key, job_id) if wait else _check(*_call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}",
+                                                                   key)[:2])
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    print(json.dumps(p, indent=1))
+
+
+@jobs_app.command("results")
+def jobs_results(job_id: str, output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+                 fmt: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
+                 url: UrlOpt = "http://127.0.0.1:8025", key: KeyOpt = "") -> None:
+    """Download a job's results (stdout, or -o FILE)."""
+    if fmt not in ("csv", "jsonl"):
+        _fail(SoundingError("--format must be csv or jsonl"))
+    try:
+        status, body, _ = _call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}/results?format={fmt}", key,
+                                accept="*/*")
+        if status >= 400:
+            _check(status, body)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+    if output:
+        tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, output)
+    else:
+        sys.stdout.buffer.write(body)

@@ -1,0 +1,378 @@
+"""The service: uploads become stored jobs; a worker runs them through the one verifier,
+persisting each verdict as it finishes; single verifications share the same verifier and cache.
+
+Crash safety: a job's rows are all stored before it is runnable; a worker holds a lease on a
+running job and renews it; a job whose worker died (lease expired) is claimed again and only
+its rows without a stored verdict are verified — the store writes a verdict in one
+transaction and only into empty rows, so nothing is lost, duplicated or probed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import re
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from ..address import parse_address
+from ..courtesy.exemptions import Exemption, ExemptionRegistry, Kind, parse_entry
+from ..engine import Verifier
+from ..errors import AddressError, InputError
+from ..listio import ListReader
+from ..settings import Settings
+from ..smtp.client import SessionResult
+from ..store import Store
+from ..store.models import Client, ExemptionRow, Job
+from ..verdict import Evidence, Reason, Status, Verdict
+from .dispatch import Dispatcher
+
+log = logging.getLogger(__name__)
+
+LEASE = 30.0
+_RCPT = re.compile(r"^(RCPT\s+TO:\s*<)([^@>]*)(@[^>]*>.*)$", re.I)
+
+
+def mask_command(line: str) -> str:
+    """Hide recipients' local parts (the lookup page is public): RCPT TO:<***@domain>."""
+    m = _RCPT.match(line)
+    if m:
+        return f"{m.group(1)}***{m.group(3)}"
+    return line
+
+
+def session_record(res: SessionResult, job_ids: set[str]) -> dict[str, Any]:
+    """What we keep of a session: the commands and reply codes, paired in order (RFC 2920
+    keeps replies in command order, so pipelining pairs the same way), and the transcript."""
+    cmds: list[list[Any]] = []
+    codes: list[int] = []
+    domains: set[str] = set()
+    for _t, d, text in res.transcript.lines:
+        if d == ">":
+            verb = text.split(" ", 1)[0].upper()
+            cmds.append([verb, mask_command(text)[len(verb):].strip()[:200], None])
+            m = _RCPT.match(text)
+            if m:
+                domains.add(m.group(3)[1:].split(">", 1)[0].lower())
+        elif d == "<" and len(text) >= 4 and text[:3].isdigit() and text[3:4] != "-":
+            codes.append(int(text[:3]))
+    for i, c in enumerate(cmds):  # codes[0] is the greeting
+        if i + 1 < len(codes):
+            c[2] = codes[i + 1]
+    lines = [f"{t:.3f} {d} {mask_command(x) if d == '>' else x}" for t, d, x in res.transcript.lines]
+    err = res.error
+    outcome = f"{type(err).__name__}: {err}" if err else "completed"
+    return {"id": res.transcript.id, "started": res.started or time.time(), "ended": res.ended or time.time(),
+            "mx_host": res.mx_host.lower(), "mx_ip": res.mx_ip, "source_ip": res.source_ip or "",
+            "domains": " " + " ".join(sorted(domains)) + " " if domains else "",
+            "job_ids": " ".join(sorted(job_ids)), "commands": cmds, "outcome": outcome[:200],
+            "transcript": "\n".join(lines)}
+
+
+@dataclass
+class ParsedUpload:
+    """Rows ready for the store, and what the reader noticed."""
+
+    fmt: str
+    header: list[str] | None
+    email_column: str
+    rows: list[tuple[int, list[str], str, str, str, dict[str, Any] | None]]
+    problems: int
+
+
+def parse_upload(data: bytes, *, column: str | None = None, fmt: str | None = None) -> ParsedUpload:
+    """Read an uploaded list (CSV or JSON lines).  Unreadable rows and invalid addresses get
+    their verdict now (kept, never dropped); every other row gets the key duplicates share."""
+    text = data.decode("utf-8-sig", errors="replace")
+    if not text.strip():
+        raise InputError("the upload is empty")
+    reader = ListReader(io.StringIO(text, newline=""), fmt=fmt, column=column)
+    rows: list[tuple[int, list[str], str, str, str, dict[str, Any] | None]] = []
+    problems = 0
+    for row in reader.rows():
+        verdict: dict[str, Any] | None = None
+        key = ""
+        addr = row.address
+        if row.error and not addr:
+            problems += 1
+            verdict = Verdict(addr, Status.UNDELIVERABLE, Reason.SYNTAX,
+                              evidence=Evidence(detail=row.error)).to_dict()
+        else:
+            try:
+                key = parse_address(addr).normalized.lower()
+            except AddressError as exc:
+                verdict = Verdict(addr, Status.UNDELIVERABLE, Reason.SYNTAX,
+                                  evidence=Evidence(detail=str(exc))).to_dict()
+        rows.append((row.line, list(row.cells), addr, key, row.error, verdict))
+    if not rows:
+        raise InputError("the upload holds no rows")
+    return ParsedUpload(reader.fmt, reader.header, reader.column_name or "email", rows, problems)
+
+
+def cache_ttl(v: Verdict, s: Settings) -> float:
+    """How long a verdict may be reused: definitive ones long, unknown ones briefly."""
+    if v.status is Status.UNKNOWN:
+        return min(s.reuse_unknown, v.retry_after or s.reuse_unknown)
+    return s.reuse_definitive
+
+
+class Service:
+    """Store + verifier + job worker.  ``async with Service(settings, store): ...``."""
+
+    def __init__(self, settings: Settings, store: Store, *, worker: bool = True,
+                 verifier: Verifier | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.exemptions = ExemptionRegistry(None)
+        self.verifier = verifier or Verifier(settings.with_(state_dir=None), exemptions=self.exemptions)
+        self.verifier.exemptions = self.exemptions
+        self.dispatcher = Dispatcher(self.verifier)
+        self.dispatcher.on_session.append(self._on_session)
+        self.owner = f"worker-{secrets.token_hex(6)}"
+        self.run_worker = worker
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._sessions: list[dict[str, Any]] = []
+        self._key_jobs: dict[str, set[str]] = defaultdict(set)
+        self._pool_saved = ""
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        pool_state = await self.store.get_kv("pool")
+        if pool_state:
+            self.verifier.pool.load_dict(pool_state)
+        await self.refresh_exemptions()
+        await self.dispatcher.start()
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="sounding-housekeeping"))
+        if self.run_worker:
+            self._tasks.append(asyncio.create_task(self._worker(), name="sounding-worker"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        await self.dispatcher.stop()
+        await self._flush_sessions()
+        await self._save_pool()
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _housekeeping(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(0.5)
+            n += 1
+            with contextlib.suppress(Exception):
+                await self._flush_sessions()
+            if n % 10 == 0:
+                with contextlib.suppress(Exception):
+                    await self._save_pool()
+                    await self.refresh_exemptions()  # entries other processes added
+
+    async def _save_pool(self) -> None:
+        import json
+
+        d = self.verifier.pool.to_dict()
+        text = json.dumps(d, sort_keys=True)
+        if text != self._pool_saved:
+            await self.store.put_kv("pool", d)
+            self._pool_saved = text
+
+    # ------------------------------------------------------------------ sessions
+    def _on_session(self, res: SessionResult) -> None:
+        rcpts = [x.lower() for _t, d, x in res.transcript.lines if d == ">" and x[:4].upper() == "RCPT"]
+        jobs: set[str] = set()
+        for line in rcpts:
+            m = re.search(r"<([^>]*)>", line)
+            if m:
+                jobs |= self._key_jobs.get(m.group(1), set())
+        self._sessions.append(session_record(res, jobs))
+
+    async def _flush_sessions(self) -> None:
+        if self._sessions:
+            batch, self._sessions = self._sessions, []
+            await self.store.add_sessions(batch)
+
+    # ------------------------------------------------------------------ exemptions
+    async def refresh_exemptions(self) -> None:
+        rows = await self.store.exemptions()
+        self.exemptions.replace_all(Exemption(_kind(r.kind), r.value, r.note, r.added) for r in rows)
+
+    async def add_exemption(self, text: str, kind: Kind | None = None, note: str = "",
+                            source: str = "operator") -> ExemptionRow:
+        """Store an opt-out and apply it at once (InputError when ``text`` is not valid)."""
+        k, v = parse_entry(text, kind)
+        row = await self.store.add_exemption(k, v, note, source)
+        self.exemptions.replace_all([*self.exemptions.entries(), Exemption(k, v, note, row.added)])
+        return row
+
+    async def remove_exemption(self, exemption_id: int) -> bool:
+        gone = await self.store.remove_exemption(exemption_id)
+        await self.refresh_exemptions()
+        return gone
+
+    # ------------------------------------------------------------------ single verification
+    async def verify_one(self, address: str, *, use_cache: bool = True) -> tuple[Verdict, bool]:
+        """(verdict, served from cache)."""
+        try:
+            key = parse_address(address).normalized.lower()
+        except AddressError as exc:
+            return Verdict(address, Status.UNDELIVERABLE, Reason.SYNTAX, evidence=Evidence(detail=str(exc))), False
+        if use_cache:
+            hit = (await self.store.cached([key])).get(key)
+            if hit is not None:
+                return Verdict.from_dict(hit), True
+        fut = self.dispatcher.submit(address)
+        try:
+            v = await asyncio.wait_for(asyncio.shield(fut), self.settings.max_wait + 60)
+        except TimeoutError:
+            return Verdict(address, Status.UNKNOWN, Reason.TIMEOUT,
+                           evidence=Evidence(detail="no verdict in time"), retry_after=300.0), False
+        await self.store.cache_put(key, v.to_dict(), cache_ttl(v, self.settings))
+        return v, False
+
+    # ------------------------------------------------------------------ jobs
+    async def submit_job(self, client: Client, filename: str, data: bytes, *, column: str | None = None,
+                         fmt: str | None = None) -> Job:
+        """Store an upload as a job (quota charged for its rows) and wake the worker."""
+        parsed = parse_upload(data, column=column, fmt=fmt)
+        await self.store.charge(client, len(parsed.rows), self.settings.daily_quota)
+        job = await self.store.create_job(client.id, filename, parsed.fmt, parsed.header, parsed.email_column,
+                                          parsed.rows)
+        self._wake.set()
+        return job
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                job = await self.store.claim(self.owner, LEASE)
+            except Exception:
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            try:
+                await self.run_job(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("job %s failed", job.id)
+                with contextlib.suppress(Exception):
+                    await self.store.finish(job.id, "failed", f"internal error: {exc!r}"[:500])
+
+    async def run_job(self, job: Job) -> None:
+        """Verify the job's rows still without a verdict; persist each verdict as it comes."""
+        s = self.settings
+        results: asyncio.Queue[tuple[str, Verdict | None] | None] = asyncio.Queue()
+        state = {"state": "running"}
+        inflight = asyncio.Semaphore(max(100, min(s.window, 5000)))
+
+        async def writer() -> None:
+            done = False
+            while not done:
+                item = await results.get()
+                batch: list[tuple[str, Verdict | None]] = []
+                if item is None:
+                    break
+                batch.append(item)
+                deadline = time.monotonic() + 0.2
+                while len(batch) < 500:
+                    try:
+                        nxt = await asyncio.wait_for(results.get(), max(0.0, deadline - time.monotonic()))
+                    except TimeoutError:
+                        break
+                    if nxt is None:
+                        done = True
+                        break
+                    batch.append(nxt)
+                await self._persist(job.id, [(k, v) for k, v in batch if v is not None])
+                for _ in batch:
+                    inflight.release()
+
+        async def lease() -> None:
+            while True:
+                await asyncio.sleep(LEASE / 3)
+                st = await self.store.renew(job.id, self.owner, LEASE)
+                state["state"] = st or "gone"
+
+        w = asyncio.create_task(writer())
+        ls = asyncio.create_task(lease())
+        pending: set[asyncio.Future[Verdict]] = set()
+        try:
+            after = ""
+            while state["state"] == "running":
+                keys = await self.store.pending_keys(job.id, after, 500)
+                if not keys:
+                    break
+                after = keys[-1]
+                cached = await self.store.cached(keys)
+                if cached:
+                    await self.store.record(job.id, list(cached.items()))
+                for key in keys:
+                    if key in cached or state["state"] != "running":
+                        continue
+                    await inflight.acquire()
+                    self._key_jobs[key].add(job.id)
+                    fut = self.dispatcher.submit(key)
+                    pending.add(fut)
+                    fut.add_done_callback(_relay(key, results, pending))
+            # wait for what is in flight (a cancelled job stops feeding, finishes its flight)
+            while pending:
+                await asyncio.sleep(0.05)
+        finally:
+            await results.put(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(w, 60)
+            ls.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ls
+        if state["state"] == "running":
+            left = await self.store.pending_keys(job.id, "", 1)
+            await self.store.finish(job.id, "done" if not left else "failed",
+                                    None if not left else "rows left without a verdict")
+
+    async def _persist(self, job_id: str, batch: list[tuple[str, Verdict]]) -> None:
+        rows = [(k, v.to_dict()) for k, v in batch]
+        await self.store.record(job_id, rows, cache_for={k: cache_ttl(v, self.settings) for k, v in batch})
+        seen: dict[str, tuple[str | None, bool | None]] = {}
+        for k, v in batch:
+            self._key_jobs.get(k, set()).discard(job_id)
+            if not self._key_jobs.get(k):
+                self._key_jobs.pop(k, None)
+            if v.evidence.mx_host:
+                ca = True if "catch_all" in v.flags else (False if v.reason is Reason.NO_MAILBOX else None)
+                seen[k.rpartition("@")[2]] = (v.evidence.mx_host, ca)
+        for dom, (mx, ca) in seen.items():
+            await self.store.note_domain(dom, mx, ca, self.settings.catch_all_ttl)
+
+
+def _relay(key: str, results: asyncio.Queue[tuple[str, Verdict | None] | None],
+           pending: set[asyncio.Future[Verdict]]) -> Any:
+    def done(fut: asyncio.Future[Verdict]) -> None:
+        pending.discard(fut)
+        failed = fut.cancelled() or fut.exception() is not None
+        results.put_nowait((key, None if failed else fut.result()))  # None: left for the next run
+    return done
+
+
+def _kind(k: str) -> Kind:
+    if k not in ("domain", "mx", "cidr"):
+        raise ValueError(k)
+    return k  # type: ignore[return-value]

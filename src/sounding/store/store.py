@@ -1,0 +1,455 @@
+"""The store: one async API over SQLite (WAL) and PostgreSQL, the same code on both.
+
+Crash safety rests on two rules: every input row is written before its job may run, and a
+verdict is written (with the job's progress) in one transaction that only fills rows still
+empty — so a restart re-verifies exactly the addresses without a stored verdict, and a
+verdict can never be stored twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, delete, event, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from ..errors import StoreError
+from ..settings import default_state_dir
+from .models import (
+    CachedVerdict,
+    Client,
+    DomainInfo,
+    ExemptionRow,
+    Job,
+    JobRow,
+    KeyValue,
+    SessionLog,
+    Usage,
+)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+ACTIVE = ("queued", "running")
+
+
+def default_db_url() -> str:
+    """SQLite in the user's data directory."""
+    return f"sqlite+aiosqlite:///{default_state_dir() / 'sounding.db'}"
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain ``sqlite:///``/``postgresql://`` URLs and pick the async drivers."""
+    if url.startswith("sqlite:///") or url.startswith("sqlite://"):
+        return "sqlite+aiosqlite" + url[len("sqlite"):]
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def hash_key(key: str) -> str:
+    """API keys are stored as SHA-256 (they are long random tokens: no salt or KDF needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def today(now: float | None = None) -> str:
+    return dt.datetime.fromtimestamp(now if now is not None else time.time(), dt.UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a job stands."""
+
+    job: Job
+    done: int
+    by_status: dict[str, int]
+    eta_seconds: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        j = self.job
+        return {"id": j.id, "state": j.state, "filename": j.filename, "total": j.total,
+                "unique_addresses": j.unique_addresses, "done": self.done,
+                "percent": round(100.0 * self.done / j.total, 1) if j.total else 100.0,
+                "by_status": self.by_status, "eta_seconds": self.eta_seconds,
+                "created_at": _iso(j.created_at), "started_at": _iso(j.started_at),
+                "finished_at": _iso(j.finished_at), "error": j.error}
+
+
+def _iso(t: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else None
+
+
+class QuotaExceeded(StoreError):
+    """The client's daily address quota would be exceeded."""
+
+
+class Store:
+    """Async access to the database.  ``await Store.open(url)`` migrates to the newest schema."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.session = async_sessionmaker(engine, expire_on_commit=False)
+        self.dialect = engine.dialect.name
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    async def open(cls, url: str | None = None, *, migrate: bool = True) -> Store:
+        url = normalise_url(url or default_db_url())
+        kw: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kw["connect_args"] = {"timeout": 30}
+        else:
+            kw.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        try:
+            engine = create_async_engine(url, **kw)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StoreError(f"cannot use database {url!r}: {exc}") from exc
+        if engine.dialect.name == "sqlite":
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _rec: Any) -> None:  # WAL: readers never block the writer
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+        store = cls(engine)
+        if migrate:
+            await store.migrate()
+        return store
+
+    async def migrate(self) -> None:
+        """Alembic ``upgrade head`` on this database."""
+        def upgrade(conn: Connection) -> None:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(upgrade)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot open or migrate the database: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    # ------------------------------------------------------------------ clients
+    async def create_client(self, name: str, *, operator: bool = False,
+                            daily_quota: int | None = None) -> tuple[Client, str]:
+        """A new client and its API key (shown once; only its hash is stored)."""
+        key = "sk_" + secrets.token_urlsafe(32)
+        c = Client(name=name[:200], key_prefix=key[:10], key_hash=hash_key(key), operator=operator,
+                   daily_quota=daily_quota, created_at=time.time())
+        async with self.session() as s, s.begin():
+            s.add(c)
+        return c, key
+
+    async def client_by_key(self, key: str) -> Client | None:
+        if not key or len(key) > 200:
+            return None
+        async with self.session() as s:
+            c = (await s.execute(select(Client).where(Client.key_hash == hash_key(key)))).scalar_one_or_none()
+        # constant-time comparison of what the index found (defence in depth)
+        if c is not None and secrets.compare_digest(c.key_hash, hash_key(key)):
+            return c
+        return None
+
+    async def clients(self) -> list[Client]:
+        async with self.session() as s:
+            return list((await s.execute(select(Client).order_by(Client.id))).scalars())
+
+    async def charge(self, client: Client, n: int, default_quota: int) -> int:
+        """Count ``n`` addresses against today's quota; raise :class:`QuotaExceeded` if over."""
+        quota = client.daily_quota if client.daily_quota is not None else default_quota
+        day = today()
+        async with self.session() as s, s.begin():
+            ins = self._insert(Usage).values(client_id=client.id, day=day, addresses=0)
+            await s.execute(ins.on_conflict_do_nothing(index_elements=["client_id", "day"]))
+            used = (await s.execute(select(Usage.addresses).where(
+                Usage.client_id == client.id, Usage.day == day).with_for_update())).scalar_one()
+            if used + n > quota:
+                raise QuotaExceeded(f"daily quota of {quota} addresses: {used} used today, {n} more asked")
+            await s.execute(update(Usage).where(Usage.client_id == client.id, Usage.day == day)
+                            .values(addresses=Usage.addresses + n))
+            return quota - used - n
+
+    # ------------------------------------------------------------------ jobs
+    async def create_job(self, client_id: int, filename: str, fmt: str, header: list[str] | None,
+                         email_column: str, rows: Iterable[tuple[int, list[str], str, str, str,
+                                                                 dict[str, Any] | None]]) -> Job:
+        """Write a job and all its rows, then mark it queued (never runnable half-written).
+
+        ``rows``: (line, cells, address, key, read_error, immediate verdict dict or None)."""
+        jid = uuid.uuid4().hex
+        now = time.time()
+        total = 0
+        keys: set[str] = set()
+        async with self.session() as s, s.begin():
+            s.add(Job(id=jid, client_id=client_id, state="uploading", filename=filename[:300], fmt=fmt,
+                      header=header, email_column=email_column, created_at=now, counts={}))
+            await s.flush()
+            batch: list[dict[str, Any]] = []
+            for line, cells, address, key, error, verdict in rows:
+                batch.append({"job_id": jid, "idx": total, "line": line, "cells": cells,
+                              "address": address[:1000], "key": key[:1000], "read_error": error,
+                              "status": verdict["status"] if verdict else None,
+                              "reason": verdict["reason"] if verdict else None,
+                              "result": verdict, "done_at": now if verdict else None})
+                if not verdict:
+                    keys.add(key)
+                total += 1
+                if len(batch) >= 2000:
+                    await s.execute(self._insert(JobRow), batch)
+                    batch = []
+            if batch:
+                await s.execute(self._insert(JobRow), batch)
+            await s.execute(update(Job).where(Job.id == jid).values(
+                state="queued", total=total, unique_addresses=len(keys)))
+        job = await self.job(jid)
+        assert job is not None
+        return job
+
+    async def job(self, job_id: str, client_id: int | None = None) -> Job | None:
+        """A job; with ``client_id`` only if it belongs to that client."""
+        q = select(Job).where(Job.id == job_id, Job.state != "uploading")
+        if client_id is not None:
+            q = q.where(Job.client_id == client_id)
+        async with self.session() as s:
+            return (await s.execute(q)).scalar_one_or_none()
+
+    async def jobs(self, client_id: int | None = None, limit: int = 50) -> list[Job]:
+        q = select(Job).where(Job.state != "uploading").order_by(Job.created_at.desc()).limit(limit)
+        if client_id is not None:
+            q = q.where(Job.client_id == client_id)
+        async with self.session() as s:
+            return list((await s.execute(q)).scalars())
+
+    async def progress(self, job: Job) -> Progress:
+        async with self.session() as s:
+            rows = (await s.execute(select(JobRow.status, func.count()).where(
+                JobRow.job_id == job.id, JobRow.done_at.is_not(None)).group_by(JobRow.status))).all()
+            fresh = (await s.execute(select(Job).where(Job.id == job.id))).scalar_one()
+        by_status = {st or "error": n for st, n in rows}
+        done = sum(by_status.values())
+        eta = None
+        if fresh.state == "running" and fresh.started_at and done and done < fresh.total:
+            elapsed = max(time.time() - fresh.started_at, 0.001)
+            eta = round(elapsed / done * (fresh.total - done), 1)
+        return Progress(fresh, done, by_status, eta if fresh.state in ACTIVE else None)
+
+    async def claim(self, owner: str, lease: float) -> Job | None:
+        """Take the oldest runnable job (queued, or running with an expired lease: its
+        worker died) — an atomic compare-and-set, so two workers never run one job."""
+        now = time.time()
+        async with self.session() as s:
+            cands = (await s.execute(select(Job.id).where(
+                Job.state.in_(ACTIVE), or_(Job.lease_until.is_(None), Job.lease_until < now))
+                .order_by(Job.created_at).limit(5))).scalars().all()
+        for jid in cands:
+            async with self.session() as s, s.begin():
+                res = await s.execute(update(Job).where(
+                    Job.id == jid, Job.state.in_(ACTIVE),
+                    or_(Job.lease_until.is_(None), Job.lease_until < now)).values(
+                    state="running", lease_owner=owner, lease_until=now + lease,
+                    started_at=func.coalesce(Job.started_at, now)))
+                won = res.rowcount == 1  # type: ignore[attr-defined]
+            if won:  # read after the commit
+                return await self.job(jid)
+        return None
+
+    async def renew(self, job_id: str, owner: str, lease: float) -> str | None:
+        """Extend the lease; returns the job's state (None if it is gone or not ours)."""
+        async with self.session() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                            .values(lease_until=time.time() + lease))
+            return (await s.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
+
+    async def pending_keys(self, job_id: str, after: str = "", limit: int = 1000) -> list[str]:
+        """Distinct addresses of the job still without a verdict (keyset pagination)."""
+        async with self.session() as s:
+            return list((await s.execute(select(JobRow.key).where(
+                JobRow.job_id == job_id, JobRow.done_at.is_(None), JobRow.key > after)
+                .group_by(JobRow.key).order_by(JobRow.key).limit(limit))).scalars())
+
+    async def first_address(self, job_id: str, key: str) -> str:
+        async with self.session() as s:
+            return (await s.execute(select(JobRow.address).where(
+                JobRow.job_id == job_id, JobRow.key == key).limit(1))).scalar_one()
+
+    async def record(self, job_id: str, results: Sequence[tuple[str, dict[str, Any]]], *,
+                     cache_for: dict[str, float] | None = None) -> int:
+        """Store verdicts for the job's rows with these keys (only rows still empty) and, if
+        ``cache_for`` gives their lifetimes, in the verdict cache.  One transaction."""
+        now = time.time()
+        n = 0
+        async with self.session() as s, s.begin():
+            for key, v in results:
+                res = await s.execute(update(JobRow).where(
+                    JobRow.job_id == job_id, JobRow.key == key, JobRow.done_at.is_(None)).values(
+                    status=v["status"], reason=v["reason"], result=v, done_at=now))
+                n += res.rowcount  # type: ignore[attr-defined]
+            if cache_for:
+                await self._cache(s, [(k, v) for k, v in results if k in cache_for], cache_for, now)
+            if n:
+                await s.execute(update(Job).where(Job.id == job_id).values(done=Job.done + n))
+        return n
+
+    async def _cache(self, s: AsyncSession, results: Sequence[tuple[str, dict[str, Any]]],
+                     ttl: dict[str, float], now: float) -> None:
+        for key, v in results:
+            ins = self._insert(CachedVerdict).values(key=key, status=v["status"], result=v, checked_at=now,
+                                                     expires_at=now + ttl[key])
+            await s.execute(ins.on_conflict_do_update(index_elements=["key"], set_={
+                "status": v["status"], "result": v, "checked_at": now, "expires_at": now + ttl[key]}))
+
+    async def cache_put(self, key: str, verdict: dict[str, Any], ttl: float) -> None:
+        async with self.session() as s, s.begin():
+            await self._cache(s, [(key, verdict)], {key: ttl}, time.time())
+
+    async def cached(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Fresh cached verdicts for these keys."""
+        if not keys:
+            return {}
+        async with self.session() as s:
+            rows = (await s.execute(select(CachedVerdict.key, CachedVerdict.result).where(
+                CachedVerdict.key.in_(list(keys)), CachedVerdict.expires_at > time.time()))).all()
+        return {k: v for k, v in rows}
+
+    async def finish(self, job_id: str, state: str = "done", error: str | None = None) -> None:
+        async with self.session() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(
+                state=state, finished_at=time.time(), lease_owner=None, lease_until=None, error=error))
+
+    async def cancel(self, job_id: str) -> bool:
+        async with self.session() as s, s.begin():
+            res = await s.execute(update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(
+                state="cancelled", finished_at=time.time()))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    async def delete_job(self, job_id: str) -> None:
+        async with self.session() as s, s.begin():
+            await s.execute(delete(JobRow).where(JobRow.job_id == job_id))
+            await s.execute(delete(Job).where(Job.id == job_id))
+
+    async def rows(self, job_id: str, batch: int = 2000) -> AsyncIterator[JobRow]:
+        """Every row of a job in input order (streamed in batches)."""
+        last = -1
+        while True:
+            async with self.session() as s:
+                chunk = list((await s.execute(select(JobRow).where(
+                    JobRow.job_id == job_id, JobRow.idx > last).order_by(JobRow.idx).limit(batch))).scalars())
+            for r in chunk:
+                yield r
+            if len(chunk) < batch:
+                return
+            last = chunk[-1].idx
+
+    async def job_domains(self, job_id: str) -> set[str]:
+        async with self.session() as s:
+            keys = (await s.execute(select(JobRow.key).where(JobRow.job_id == job_id))).scalars()
+            return {k.rpartition("@")[2] for k in keys if "@" in k}
+
+    # ------------------------------------------------------------------ domains
+    async def note_domain(self, domain: str, mx_host: str | None, catch_all: bool | None, ttl: float) -> None:
+        now = time.time()
+        async with self.session() as s, s.begin():
+            ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
+                                                  checked_at=now, expires_at=now + ttl)
+            await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
+                "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
+
+    async def domain(self, domain: str) -> DomainInfo | None:
+        async with self.session() as s:
+            return (await s.execute(select(DomainInfo).where(
+                DomainInfo.domain == domain, DomainInfo.expires_at > time.time()))).scalar_one_or_none()
+
+    # ------------------------------------------------------------------ exemptions
+    async def exemptions(self) -> list[ExemptionRow]:
+        async with self.session() as s:
+            return list((await s.execute(select(ExemptionRow).order_by(ExemptionRow.added))).scalars())
+
+    async def add_exemption(self, kind: str, value: str, note: str = "", source: str = "operator") -> ExemptionRow:
+        async with self.session() as s:
+            try:
+                async with s.begin():
+                    row = ExemptionRow(kind=kind, value=value, note=note[:2000], source=source, added=time.time())
+                    s.add(row)
+                return row
+            except IntegrityError:
+                pass
+        async with self.session() as s:
+            return (await s.execute(select(ExemptionRow).where(
+                ExemptionRow.kind == kind, ExemptionRow.value == value))).scalar_one()
+
+    async def remove_exemption(self, exemption_id: int) -> bool:
+        async with self.session() as s, s.begin():
+            res = await s.execute(delete(ExemptionRow).where(ExemptionRow.id == exemption_id))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ sessions
+    async def add_sessions(self, sessions: Sequence[dict[str, Any]]) -> None:
+        if not sessions:
+            return
+        async with self.session() as s, s.begin():
+            for d in sessions:
+                d = dict(d)
+                d["transcript"] = zlib.compress(d["transcript"].encode("utf-8", "replace"), 6)
+                await s.execute(self._insert(SessionLog).values(**d).on_conflict_do_nothing(
+                    index_elements=["id"]))
+
+    async def lookup(self, query: str, limit: int = 200) -> list[SessionLog]:
+        """Our sessions to an MX address, an MX host, or a mail domain (and its subdomains)."""
+        q = query.strip().lower().rstrip(".")
+        if not q:
+            return []
+        cond = or_(SessionLog.mx_ip == q, SessionLog.source_ip == q, SessionLog.mx_host == q,
+                   SessionLog.mx_host.like(f"%.{_like(q)}", escape="\\"),
+                   SessionLog.domains.like(f"% {_like(q)} %", escape="\\"))
+        async with self.session() as s:
+            return list((await s.execute(select(SessionLog).where(cond).order_by(
+                SessionLog.started.desc()).limit(limit))).scalars())
+
+    async def recent_sessions(self, since: float) -> list[tuple[float, int]]:
+        """(start time, recipients) of sessions since ``since`` (throughput on /ops)."""
+        async with self.session() as s:
+            rows = (await s.execute(select(SessionLog.started, SessionLog.commands).where(
+                SessionLog.started >= since))).all()
+        return [(t, sum(1 for c in cmds if c and c[0] == "RCPT")) for t, cmds in rows]
+
+    @staticmethod
+    def transcript_text(row: SessionLog) -> str:
+        return zlib.decompress(row.transcript).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ kv
+    async def get_kv(self, name: str) -> dict[str, Any] | None:
+        async with self.session() as s:
+            return (await s.execute(select(KeyValue.value).where(KeyValue.name == name))).scalar_one_or_none()
+
+    async def put_kv(self, name: str, value: dict[str, Any]) -> None:
+        now = time.time()
+        async with self.session() as s, s.begin():
+            ins = self._insert(KeyValue).values(name=name, value=value, updated=now)
+            await s.execute(ins.on_conflict_do_update(index_elements=["name"], set_={"value": value,
+                                                                                    "updated": now}))
+
+
+def _like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
