@@ -34,7 +34,7 @@ from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
-LEASE = 30.0
+LEASE = 15.0  # seconds; renewed every LEASE/3 — a dead worker's job is taken over after this
 _RCPT = re.compile(r"^(RCPT\s+TO:\s*<)([^@>]*)(@[^>]*>.*)$", re.I)
 
 
