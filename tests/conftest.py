@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -133,3 +134,58 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     yield url
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_site(sandbox: dict[str, str], d: Path) -> Iterator[dict[str, str]]:
+    """``sounding serve`` in its own process on a fresh SQLite database, talking to the
+    ``sandbox_proc`` world; with a client key and an operator key."""
+    import httpx
+
+    db = f"sqlite:///{d / 'site.db'}"
+
+    def key(name: str, *extra: str) -> str:
+        return subprocess.run([sys.executable, "-m", "sounding", "clients", "add", name, "--db", db, *extra],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    client, operator = key("Acme Mailers"), key("ops", "--operator")
+    port = free_port()
+    env = {**os.environ, "SOUNDING_STATE_DIR": str(d / "state"), "SOUNDING_MAX_WAIT": "20",
+           "SOUNDING_OPERATOR_NAME": "Sandbox Verification Ltd", "SOUNDING_OPERATOR_EMAIL": "abuse@sounding.example"}
+    proc = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
+                             "--nameserver", sandbox["ns"], "--smtp-port", sandbox["port"], "--allow-private-mx"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                break
+        else:
+            raise AssertionError("serve did not start")
+        if proc.poll() is not None:
+            assert proc.stdout is not None
+            raise AssertionError("serve exited: " + proc.stdout.read())
+        yield {"base": base, "client": client, "operator": operator, "dir": str(d), "log": sandbox["log"]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
