@@ -98,10 +98,9 @@ async def _client(request: Request) -> Client | None:
         client_id = int(cid)
     except ValueError:
         return None
-    for c in await _svc(request).store.clients():
-        if c.id == client_id:
-            return c
-    return None
+    if not 0 < client_id < 2**31:
+        return None
+    return await _svc(request).store.client(client_id)
 
 
 def _login_cookie(request: Request, resp: Response, c: Client) -> None:

@@ -172,6 +172,10 @@ class Store:
             return c
         return None
 
+    async def client(self, client_id: int) -> Client | None:
+        async with self.session() as s:
+            return (await s.execute(select(Client).where(Client.id == client_id))).scalar_one_or_none()
+
     async def clients(self) -> list[Client]:
         async with self.session() as s:
             return list((await s.execute(select(Client).order_by(Client.id))).scalars())

@@ -1,0 +1,208 @@
+"""API load benchmark: 200 concurrent clients against ``sounding serve`` and the sandbox.
+
+    python bench/api_load.py [--clients 200] [--verifies 5] [--job-size 50] [--domains 400]
+                             [--delay 0.01] [--db URL]
+
+One run, three processes: the sandbox world (``--domains`` domains, each on its own MX that
+waits ``--delay`` before every reply), ``sounding serve`` (uvicorn; SQLite in a temporary
+directory unless ``--db`` names e.g. PostgreSQL), and this load generator (httpx, asyncio).
+Each of the ``--clients`` clients has its own API key.
+
+Phase 1, single verification (the sign-up form case): every client sends ``--verifies``
+``POST /v1/verify`` for addresses nobody asked before (no cache), all clients at once;
+prints latency p50/p90/p99/max and requests per second.
+Phase 2, bulk jobs: every client uploads a list of ``--job-size`` fresh addresses at once and
+polls until it is done; prints jobs throughput (addresses verified per second across all
+jobs), the job completion time p50/p99 and the polling latency p50/p99 under that load.
+Everything is checked against the world's ground truth; errors are counted, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench._worlds import throughput_world  # noqa: E402
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _serve_world(args: argparse.Namespace) -> None:
+    from sounding.sandbox import Sandbox
+
+    world, _ = throughput_world(args.domains, args.per_domain, delay=args.delay)
+
+    async def main() -> None:
+        async with Sandbox(world, subnet=args.subnet, smtp_port=0, dns_port=0, keep_log=False) as sb:
+            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+async def _keys(db: str, n: int) -> list[str]:
+    from sounding.store import Store
+
+    st = await Store.open(db)
+    try:
+        return [(await st.create_client(f"load-{i}"))[1] for i in range(n)]
+    finally:
+        await st.close()
+
+
+async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dict[str, str],
+                addrs: list[str]) -> None:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+        # ---------------------------------------------------------------- phase 1
+        per = args.verifies
+        pool = iter(addrs)
+        chunks = [[next(pool) for _ in range(per)] for _ in keys]
+        lat: list[float] = []
+        wrong = errors = 0
+
+        async def one_client(key: str, todo: list[str]) -> None:
+            nonlocal wrong, errors
+            for a in todo:
+                t0 = time.perf_counter()
+                r = await http.post("/v1/verify", json={"email": a, "use_cache": False}, headers={"X-API-Key": key})
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                elif r.json()["status"] != truth[a]:
+                    wrong += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(k, c) for k, c in zip(keys, chunks, strict=True)))
+        wall = time.perf_counter() - t0
+        n = len(lat)
+        print(f"single verify: {args.clients} clients x {per} = {n} requests in {wall:.1f} s "
+              f"({n / wall:.1f} req/s); latency p50 {_pct(lat, 50) * 1000:.0f} ms, "
+              f"p90 {_pct(lat, 90) * 1000:.0f} ms, p99 {_pct(lat, 99) * 1000:.0f} ms, "
+              f"max {max(lat) * 1000:.0f} ms; {errors} errors, {wrong} wrong statuses", flush=True)
+
+        # ---------------------------------------------------------------- phase 2
+        size = args.job_size
+        lists = [[next(pool) for _ in range(size)] for _ in keys]
+        done_in: list[float] = []
+        polls: list[float] = []
+        jwrong = jerrors = 0
+
+        async def job_client(key: str, todo: list[str]) -> None:
+            nonlocal jwrong, jerrors
+            h = {"X-API-Key": key}
+            body = ("email\n" + "\n".join(todo) + "\n").encode()
+            t0 = time.perf_counter()
+            r = await http.post("/v1/jobs", files={"file": ("list.csv", body)}, headers=h)
+            if r.status_code != 202:
+                jerrors += 1
+                return
+            jid = r.json()["id"]
+            while True:
+                await asyncio.sleep(0.5)
+                p0 = time.perf_counter()
+                p = await http.get(f"/v1/jobs/{jid}", headers=h)
+                polls.append(time.perf_counter() - p0)
+                if p.status_code != 200:
+                    jerrors += 1
+                    return
+                if p.json()["state"] not in ("queued", "running"):
+                    break
+            done_in.append(time.perf_counter() - t0)
+            res = await http.get(f"/v1/jobs/{jid}/results", params={"format": "csv"}, headers=h)
+            import csv
+            import io
+
+            for row in csv.DictReader(io.StringIO(res.text)):
+                jwrong += row["status"] != truth[row["email"]]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(job_client(k, todo) for k, todo in zip(keys, lists, strict=True)))
+        wall = time.perf_counter() - t0
+        total = size * len(done_in)
+        print(f"bulk jobs: {len(done_in)} jobs of {size} addresses from {args.clients} concurrent clients, "
+              f"{total} addresses in {wall:.1f} s = {total / wall:.1f} addresses/s "
+              f"({len(done_in) / wall * 60:.0f} jobs/min); job done in p50 {_pct(done_in, 50):.1f} s, "
+              f"p99 {_pct(done_in, 99):.1f} s; progress poll latency p50 {_pct(polls, 50) * 1000:.0f} ms, "
+              f"p99 {_pct(polls, 99) * 1000:.0f} ms; {jerrors} errors, {jwrong} wrong statuses", flush=True)
+
+
+def _run(args: argparse.Namespace) -> None:
+    import httpx
+
+    _, addr_truth = throughput_world(args.domains, args.per_domain, delay=args.delay)
+    truth = dict(addr_truth)
+    need = args.clients * (args.verifies + args.job_size)
+    addrs = [a for a, _ in addr_truth]
+    if need > len(addrs):
+        raise SystemExit(f"the world has {len(addrs)} addresses, {need} needed: raise --domains/--per-domain")
+    world = subprocess.Popen([sys.executable, __file__, "world", "--domains", str(args.domains),
+                              "--per-domain", str(args.per_domain), "--delay", str(args.delay),
+                              "--subnet", str(args.subnet)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory(prefix="sounding-load-") as td:
+        db = args.db or f"sqlite:///{td}/load.db"
+        serve = None
+        try:
+            assert world.stdout is not None
+            ready = world.stdout.readline().split()
+            if not ready or ready[0] != "READY":
+                raise SystemExit("the sandbox did not start")
+            keys = asyncio.run(_keys(db, args.clients))
+            port = args.port
+            env = {**os.environ, "SOUNDING_STATE_DIR": f"{td}/state", "SOUNDING_DAILY_QUOTA": "100000000"}
+            serve = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
+                                      "--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3],
+                                      "--allow-private-mx"], env=env)
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(base + "/openapi.json", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            print(f"world: {args.domains} domains x {args.per_domain} addresses, {args.delay * 1000:.0f} ms per "
+                  f"reply; service: {db.split('://')[0]}; {args.clients} concurrent clients", flush=True)
+            asyncio.run(_load(args, base, keys, truth, addrs))
+        finally:
+            if serve is not None:
+                serve.terminate()
+                serve.wait(30)
+            assert world.stdin is not None
+            world.stdin.close()
+            world.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "world"])
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--verifies", type=int, default=5)
+    ap.add_argument("--job-size", type=int, default=50)
+    ap.add_argument("--domains", type=int, default=400)
+    ap.add_argument("--per-domain", type=int, default=30)
+    ap.add_argument("--delay", type=float, default=0.01)
+    ap.add_argument("--subnet", type=int, default=73)
+    ap.add_argument("--port", type=int, default=8931)
+    ap.add_argument("--db", default=None)
+    args = ap.parse_args()
+    _serve_world(args) if args.mode == "world" else _run(args)
+
+
+if __name__ == "__main__":
+    main()

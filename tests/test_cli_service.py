@@ -1,0 +1,55 @@
+"""``sounding jobs submit|status|results`` and ``clients`` against a running ``sounding serve``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import serve_site
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site(sandbox_proc: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with serve_site(sandbox_proc, tmp_path_factory.mktemp("clisite")) as info:
+        yield info
+
+
+def _sounding(*args: str, key: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sounding", *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "SOUNDING_API_KEY": key, "HOME": "/tmp"}, timeout=120)
+
+
+def test_submit_wait_status_and_results(site: dict[str, str], tmp_path: Path) -> None:
+    lst = tmp_path / "l.csv"
+    lst.write_text("email,who\nerin@honest.example,E\nnobody2@honest.example,N\nbroken,B\n", "utf-8")
+    r = _sounding("jobs", "submit", str(lst), "--url", site["base"], "--wait", key=site["client"])
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert len(job_id) == 32 and "done: 3/3 (100.0 %)" in r.stderr
+    st = _sounding("jobs", "status", job_id, "--url", site["base"], key=site["client"])
+    p = json.loads(st.stdout)
+    assert p["state"] == "done" and p["by_status"] == {"deliverable": 1, "undeliverable": 2}
+    out = tmp_path / "out.csv"
+    assert _sounding("jobs", "results", job_id, "-o", str(out), "--url", site["base"],
+                     key=site["client"]).returncode == 0
+    with out.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(x["who"], x["status"], x["reason"]) for x in rows] == [
+        ("E", "deliverable", "accepted"), ("N", "undeliverable", "no_mailbox"), ("B", "undeliverable", "syntax")]
+
+
+def test_wrong_key_and_unknown_job_are_clear_errors(site: dict[str, str], tmp_path: Path) -> None:
+    r = _sounding("jobs", "status", "0" * 32, "--url", site["base"], key="sk_wrong")
+    assert r.returncode == 2 and "HTTP 401" in r.stderr and "unknown API key" in r.stderr
+    r = _sounding("jobs", "status", "0" * 32, "--url", site["base"], key=site["client"])
+    assert r.returncode == 2 and "HTTP 404" in r.stderr
+    r = _sounding("jobs", "status", "x", "--url", "http://127.0.0.1:9", key=site["client"])
+    assert r.returncode == 2 and "cannot reach" in r.stderr
