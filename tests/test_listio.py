@@ -37,3 +37,27 @@ def test_the_boundary_cut_is_repaired_at_every_offset() -> None:
         rows = list(ListReader(io.StringIO(text)).rows())
         assert len(rows) == 3001
         assert all(r.address.endswith("@example.com") for r in rows)
+
+
+def test_rows_are_streamed_not_read_all_at_once() -> None:
+    """A million-row list must not be held in memory: the first row comes out after reading
+    only the sniffing head, however long the file is."""
+    import io as _io
+
+    class Counting(_io.StringIO):
+        lines = 0
+
+        def __next__(self) -> str:
+            line = self.readline()
+            if not line:
+                raise StopIteration
+            Counting.lines += 1
+            return line
+
+    text = "id,email\n" + "".join(f"{i},u{i}@example.com\n" for i in range(100_000))
+    reader = ListReader(Counting(text))
+    rows = reader.rows()
+    first = next(rows)
+    assert first.address == "u0@example.com"
+    assert Counting.lines < 10_000  # the 64 KiB head is ~3,000 lines; the rest is still unread
+    assert sum(1 for _ in rows) == 99_999

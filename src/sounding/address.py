@@ -13,6 +13,7 @@ SMTPUTF8 (RFC 6531) and IDNA (RFC 5891) handled. On top of it:
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
@@ -149,7 +150,11 @@ def _distance(a: str, b: str) -> int:
 
 def suggest_domain(domain: str) -> str | None:
     """A likely intended provider domain for a near miss, or None."""
-    d = domain.lower()
+    return _suggest(domain.lower())
+
+
+@functools.lru_cache(maxsize=65_536)  # lists repeat their domains: compute each once
+def _suggest(d: str) -> str | None:
     if d in SUGGEST_DOMAINS or d in FREE_DOMAINS:
         return None
     name, _, tld = d.rpartition(".")

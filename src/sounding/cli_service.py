@@ -19,7 +19,6 @@ from rich.table import Table
 
 from .cli import CfgOpt, FromOpt, HeloOpt, NsOpt, PortOpt, PrivOpt, SrcOpt, _fail, _settings, app, err, out
 from .errors import SoundingError
-from .store import Store
 
 clients_app = typer.Typer(no_args_is_help=True, help="API clients and their keys.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Bulk jobs on a running service.")
@@ -74,6 +73,8 @@ def clients_add(
         return
 
     async def go() -> tuple[int, str]:
+        from .store import Store
+
         st = await Store.open(s.db_url)
         try:
             c, key = await st.create_client(name, operator=operator, daily_quota=quota)
@@ -96,6 +97,8 @@ def clients_list(db: DbOpt = None, config: CfgOpt = None) -> None:
     s = _settings(config, db_url=db)
 
     async def go() -> list[Any]:
+        from .store import Store
+
         st = await Store.open(s.db_url)
         try:
             return await st.clients()

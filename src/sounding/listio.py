@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ class ListReader:
             return
         if not self._peek and not hasattr(self, "_it"):
             return
-        for line, cells, err in [*self._peek, *self._it]:
+        for line, cells, err in itertools.chain(self._peek, self._it):  # streamed, never a list
             if cells is None:
                 self.problems += 1
                 yield Row(line, [], "", err)
