@@ -34,6 +34,7 @@ from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
+JOBS_AT_ONCE = 8
 LEASE = 15.0  # seconds; renewed every LEASE/3 — a dead worker's job is taken over after this
 _RCPT = re.compile(r"^(RCPT\s+TO:\s*<)([^@>]*)(@[^>]*>.*)$", re.I)
 
@@ -257,25 +258,43 @@ class Service:
         return job
 
     async def _worker(self) -> None:
-        while True:
-            try:
-                job = await self.store.claim(self.owner, LEASE)
-            except Exception:
-                log.exception("claiming a job failed")
+        """Claim jobs and run up to ``JOBS_AT_ONCE`` of them side by side (so one big list does
+        not hold up everyone's small ones; the verifier's limits still hold for all)."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
                 job = None
-            if job is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                continue
-            try:
-                await self.run_job(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("job %s failed", job.id)
-                with contextlib.suppress(Exception):
-                    await self.store.finish(job.id, "failed", f"internal error: {exc!r}"[:500])
+                if len(running) < JOBS_AT_ONCE:
+                    try:
+                        job = await self.store.claim(self.owner, LEASE)
+                    except Exception:
+                        log.exception("claiming a job failed")
+                if job is None:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    continue
+                t = asyncio.create_task(self._run_logged(job))
+                running.add(t)
+                t.add_done_callback(lambda t: self._job_ended(running, t))
+        finally:
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _job_ended(self, running: set[asyncio.Task[None]], t: asyncio.Task[None]) -> None:
+        running.discard(t)
+        self._wake.set()  # room for another job
+
+    async def _run_logged(self, job: Job) -> None:
+        try:
+            await self.run_job(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            with contextlib.suppress(Exception):
+                await self.store.finish(job.id, "failed", f"internal error: {exc!r}"[:500])
 
     async def run_job(self, job: Job) -> None:
         """Verify the job's rows still without a verdict; persist each verdict as it comes."""
