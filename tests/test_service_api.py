@@ -183,3 +183,54 @@ async def test_cancel_a_running_job(world_sandbox: Sandbox, tmp_path: Any) -> No
         assert (await api.http.delete(f"/v1/jobs/{job['id']}", headers=api.h())).status_code == 204
         p = (await api.http.get(f"/v1/jobs/{job['id']}", headers=api.h())).json()
         assert p["state"] == "cancelled" and p["done"] < p["total"]
+
+
+def _csrf(page: str) -> str:
+    import re
+
+    m = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert m, "no CSRF token in the form"
+    return m.group(1)
+
+
+async def test_opt_out_form_csrf_honeypot_rate_limit(api: Api) -> None:
+    from sounding.service import web
+
+    web._optout_limit.hits.clear()
+    form = await api.http.get("/opt-out")
+    assert form.status_code == 200 and "Content-Security-Policy" in form.headers
+    token = _csrf(form.text)
+    svc = api.http._transport.app.state.service  # type: ignore[attr-defined]
+    # a robot fills the hidden field: thanked, nothing stored
+    r = await api.http.post("/opt-out", data={"entries": "robot.example", "website": "http://spam", "csrf": token})
+    assert r.status_code == 200 and svc.exemptions.domain_exempt("robot.example") is None
+    # no token, or a token from another session: refused
+    r = await api.http.post("/opt-out", data={"entries": "forged.example", "csrf": "0" * 64})
+    assert r.status_code == 400 and svc.exemptions.domain_exempt("forged.example") is None
+    # a real request: effective at once
+    r = await api.http.post("/opt-out", data={"entries": "Mine.example\n198.51.100.0/24", "csrf": token})
+    assert r.status_code == 200 and "mine.example (domain)" in r.text
+    assert svc.exemptions.domain_exempt("mail.mine.example") is not None
+    assert svc.exemptions.mx_exempt("mx.elsewhere.example", ["198.51.100.7"]) is not None
+    assert {e.source for e in await api.store.exemptions()} == {"web"}
+    # too broad, or too often
+    r = await api.http.post("/opt-out", data={"entries": "10.0.0.0/8", "csrf": token})
+    assert r.status_code == 400 and "larger than a /16" in r.text
+    codes = [(await api.http.post("/opt-out", data={"entries": f"n{i}.example", "csrf": token})).status_code
+             for i in range(4)]
+    assert codes[-1] == 429
+
+
+async def test_pages_render_and_app_needs_a_login(api: Api) -> None:
+    home = await api.http.get("/")
+    assert home.status_code == 200 and "never sends a message" in home.text.replace("<strong>", "")
+    assert "<script" not in home.text  # the policy page needs no JavaScript
+    assert "API key" in (await api.http.get("/app")).text
+    assert "Operator sign-in" in (await api.http.get("/ops")).text
+    page = await api.http.get("/lookup", params={"q": "' OR 1=1 --"})
+    assert "Enter an IP address or a domain name." in page.text
+    missing = await api.http.get("/no-such-page", headers={"Accept": "text/html"})
+    assert missing.status_code == 404 and "<h1>404</h1>" in missing.text
+    login = await api.http.get("/app")
+    r = await api.http.post("/login", data={"api_key": api.keys["acme"], "next": "/ops", "csrf": _csrf(login.text)})
+    assert r.status_code == 401  # a client key does not open the operator's view
