@@ -68,7 +68,8 @@ async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dic
                 addrs: list[str]) -> None:
     import httpx
 
-    limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10)
+    limits = httpx.Limits(max_connections=args.clients + 10, max_keepalive_connections=args.clients + 10,
+                          keepalive_expiry=2.0)  # shorter than the server's keep-alive: no stale reuse
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
         # ---------------------------------------------------------------- phase 1
         per = args.verifies
@@ -81,7 +82,13 @@ async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dic
             nonlocal wrong, errors
             for a in todo:
                 t0 = time.perf_counter()
-                r = await http.post("/v1/verify", json={"email": a, "use_cache": False}, headers={"X-API-Key": key})
+                try:
+                    r = await http.post("/v1/verify", json={"email": a, "use_cache": False},
+                                        headers={"X-API-Key": key})
+                except httpx.HTTPError as exc:
+                    errors += 1
+                    print(f"verify {a}: {exc!r}", flush=True)
+                    continue
                 lat.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
@@ -105,6 +112,14 @@ async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dic
         jwrong = jerrors = 0
 
         async def job_client(key: str, todo: list[str]) -> None:
+            nonlocal jerrors
+            try:
+                await job_client_inner(key, todo)
+            except httpx.HTTPError as exc:
+                jerrors += 1
+                print(f"job client: {exc!r}", flush=True)
+
+        async def job_client_inner(key: str, todo: list[str]) -> None:
             nonlocal jwrong, jerrors
             h = {"X-API-Key": key}
             body = ("email\n" + "\n".join(todo) + "\n").encode()

@@ -54,8 +54,9 @@ def serve(
         s = s.with_(secret_key=secrets.token_hex(32))
     err.print(f"serving on http://{host}:{port}/ (API docs at /docs), database "
               f"{s.db_url or 'in the data directory'}")
+    # keep-alive longer than clients' (httpx: 5 s) so a reused connection is never closed under them
     uvicorn.run(create_app(s, worker=worker), host=host, port=port, log_level="warning",
-                proxy_headers=False)
+                proxy_headers=False, timeout_keep_alive=30, backlog=4096)
 
 
 @clients_app.command("add")
