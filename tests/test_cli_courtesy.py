@@ -215,3 +215,30 @@ def test_canaries_cli_against_the_sandbox(sandbox_proc: dict[str, str], tmp_path
 def test_reputation_shows_nothing_on_a_fresh_state(tmp_path: Path) -> None:
     r = runner.invoke(app, ["reputation", "--state-dir", str(tmp_path)])
     assert r.exit_code == 0 and "no blocks, pauses or listings recorded" in r.output
+
+
+def test_canaries_kept_in_the_service_database(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    import asyncio
+
+    from sounding.store import Store
+
+    db = ["--db", f"sqlite:///{tmp_path / 'svc.db'}"]
+    r = runner.invoke(app, ["canaries", "add", "dave@honest.example", "--expect", "undeliverable", *db])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["canaries", "run", *_common(sandbox_proc), *db])
+    assert r.exit_code == 3 and "1 canaries checked, 1 changed" in r.output
+    assert not (tmp_path / "canaries.json").exists()
+
+    async def stored() -> dict[str, object] | None:
+        st = await Store.open(db[1])
+        try:
+            return await st.get_kv("canaries")
+        finally:
+            await st.close()
+
+    data = asyncio.run(stored())
+    assert data is not None
+    (c,) = data["canaries"]  # type: ignore[misc]
+    assert c["address"] == "dave@honest.example" and c["last_status"] == "deliverable" and len(c["changes"]) == 1
+    r = runner.invoke(app, ["canaries", "list", *db], env={"COLUMNS": "200"})
+    assert "dave@honest.example" in r.output and "status undeliverable -> deliverable" in r.output

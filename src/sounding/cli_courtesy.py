@@ -7,7 +7,7 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -49,6 +49,42 @@ def _state(config: Path | None, state_dir: Path | None) -> Path:
         raise
     assert s.state_dir is not None
     return Path(s.state_dir)
+
+
+DbOpt = Annotated[str | None, typer.Option(
+    "--db", help="Keep the canaries in the service's database (URL) instead of the state dir.")]
+
+
+async def _kv(db: str, value: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    from .store import Store
+
+    st = await Store.open(db)
+    try:
+        if value is not None:
+            await st.put_kv("canaries", value)
+            return value
+        return await st.get_kv("canaries")
+    finally:
+        await st.close()
+
+
+def _book(config: Path | None, state_dir: Path | None, db: str | None) -> CanaryBook:
+    """The canary book: from the database when ``--db`` is given, else the state dir's file."""
+    try:
+        if db:
+            book = CanaryBook(None)
+            stored = asyncio.run(_kv(db))
+            book.load_dict(stored or {})
+            return book
+        return CanaryBook(_state(config, state_dir) / "canaries.json")
+    except SoundingError as exc:
+        _fail(exc)
+        raise
+
+
+def _keep(book: CanaryBook, db: str | None) -> None:
+    if db:
+        asyncio.run(_kv(db, book.to_dict()))
 
 
 def _when(t: float | None) -> str:
@@ -161,29 +197,33 @@ def canary_add(
     address: Annotated[str, typer.Argument(help="A known address at a provider.")],
     provider: Annotated[str, typer.Option("--provider", help="Label, e.g. google.")] = "",
     expect: Annotated[str, typer.Option("--expect", help="Expected status (default: learnt).")] = "",
-    config: CfgOpt = None, state_dir: StateOpt = None,
+    config: CfgOpt = None, state_dir: StateOpt = None, db: DbOpt = None,
 ) -> None:
     """Watch an address."""
+    book = _book(config, state_dir, db)
     try:
-        c = CanaryBook(_state(config, state_dir) / "canaries.json").add(address, provider, expect)
+        c = book.add(address, provider, expect)
     except SoundingError as exc:
         _fail(exc)
         return
+    _keep(book, db)
     out.print(f"watching {c.address}")
 
 
 @canary_app.command("remove")
-def canary_remove(address: str, config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+def canary_remove(address: str, config: CfgOpt = None, state_dir: StateOpt = None, db: DbOpt = None) -> None:
     """Stop watching an address."""
-    gone = CanaryBook(_state(config, state_dir) / "canaries.json").remove(address)
+    book = _book(config, state_dir, db)
+    gone = book.remove(address)
+    _keep(book, db)
     out.print("removed" if gone else f"not watched: {address}")
     raise typer.Exit(0 if gone else 1)
 
 
 @canary_app.command("list")
-def canary_list(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
+def canary_list(config: CfgOpt = None, state_dir: StateOpt = None, db: DbOpt = None) -> None:
     """Show canaries, their last result and recent changes."""
-    book = CanaryBook(_state(config, state_dir) / "canaries.json")
+    book = _book(config, state_dir, db)
     t = Table("address", "provider", "expected", "last", "reply style", "checked", "changes")
     for c in book.items.values():
         t.add_row(c.address, c.provider, c.expected, f"{c.last_status} {c.last_reason}".strip(), c.last_style[:60],
@@ -199,7 +239,7 @@ def canary_run(
     every: Annotated[float, typer.Option("--every", help="Repeat every N seconds (0 = once).")] = 0,
     helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None, nameserver: NsOpt = None,
     smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False, config: CfgOpt = None,
-    state_dir: StateOpt = None,
+    state_dir: StateOpt = None, db: DbOpt = None,
 ) -> None:
     """Re-verify the canaries (once, or on a schedule) and report changes; exit 3 on changes."""
     try:
@@ -210,7 +250,7 @@ def canary_run(
         _fail(exc)
         return
     assert s.state_dir is not None
-    book = CanaryBook(Path(s.state_dir) / "canaries.json")
+    book = _book(config, Path(s.state_dir), db)
 
     async def verify(addrs: list[str]) -> list[Verdict]:
         return [x async for x in Verifier(s).verify_many(addrs)]
@@ -219,6 +259,8 @@ def canary_run(
         changed = 0
         while True:
             changes = await book.run(verify, book.due(every) if every else None)
+            if db:
+                await _kv(db, book.to_dict())
             for ch in changes:
                 out.print(f"[yellow]change[/yellow] {ch['address']}: {ch['change']}")
             changed += len(changes)

@@ -63,10 +63,20 @@ class CanaryBook:
         self.items: dict[str, Canary] = {}
         if self.path is not None and self.path.exists():
             try:
-                data = json.loads(self.path.read_text("utf-8"))
-                self.items = {c["address"]: Canary(**c) for c in data.get("canaries", [])}
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.load_dict(json.loads(self.path.read_text("utf-8")))
+            except (OSError, ValueError) as exc:
                 raise ConfigError(f"canary file {self.path} is unreadable: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole book as JSON-ready data (the file's content; the service's store keeps it too)."""
+        return {"canaries": [asdict(c) for c in self.items.values()]}
+
+    def load_dict(self, data: dict[str, Any]) -> None:
+        """Replace the book with :meth:`to_dict` output."""
+        try:
+            self.items = {c["address"]: Canary(**c) for c in data.get("canaries", [])}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"canary data is unreadable: {exc}") from exc
 
     def add(self, address: str, provider: str = "", expected: str = "") -> Canary:
         """Watch ``address`` (idempotent; updates provider/expected when given)."""
@@ -132,5 +142,5 @@ class CanaryBook:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"canaries": [asdict(c) for c in self.items.values()]}, indent=1), "utf-8")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1), "utf-8")
         os.replace(tmp, self.path)

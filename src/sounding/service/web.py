@@ -390,8 +390,13 @@ async def ops(request: Request) -> Response:
     try:
         from ..courtesy.canaries import CanaryBook
 
-        state = Path(svc.settings.state_dir) if svc.settings.state_dir else default_state_dir()
-        book = CanaryBook(state / "canaries.json")
+        book = CanaryBook(None)
+        stored = await svc.store.get_kv("canaries")  # `sounding canaries ... --db` keeps them here
+        if stored is not None:
+            book.load_dict(stored)
+        else:
+            state = Path(svc.settings.state_dir) if svc.settings.state_dir else default_state_dir()
+            book = CanaryBook(state / "canaries.json")
         for cn in book.items.values():
             for ch in cn.changes[-5:]:
                 changes.append({"time": _utc(ch["t"]), "address": cn.address, "change": ch["change"]})
