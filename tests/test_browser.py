@@ -158,10 +158,12 @@ def test_lookup_shows_our_sessions_with_masked_recipients(browser: Any, site: di
     h = {"X-API-Key": site["client"]}
     job = httpx.post(site["base"] + "/v1/jobs", headers=h,
                      files={"file": ("l.csv", b"email\nalice@backup.example\ncarol@backup.example\n")}).json()
-    for _ in range(300):
-        if httpx.get(f"{site['base']}/v1/jobs/{job['id']}", headers=h).json()["state"] == "done":
+    for _ in range(600):
+        state = httpx.get(f"{site['base']}/v1/jobs/{job['id']}", headers=h).json()["state"]
+        if state == "done":
             break
         time.sleep(0.1)
+    assert state == "done"
     page = browser.new_page()
     try:
         page.goto(site["base"] + "/lookup")

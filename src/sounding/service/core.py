@@ -139,6 +139,7 @@ class Service:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._sessions: list[dict[str, Any]] = []
+        self._flush_lock = asyncio.Lock()
         self._key_jobs: dict[str, set[str]] = defaultdict(set)
         self._pool_saved = ""
         self.started = time.time()
@@ -204,9 +205,10 @@ class Service:
         self._sessions.append(session_record(res, jobs))
 
     async def _flush_sessions(self) -> None:
-        if self._sessions:
-            batch, self._sessions = self._sessions, []
-            await self.store.add_sessions(batch)
+        async with self._flush_lock:  # a flush returns only when every earlier session is stored
+            if self._sessions:
+                batch, self._sessions = self._sessions, []
+                await self.store.add_sessions(batch)
 
     # ------------------------------------------------------------------ exemptions
     async def refresh_exemptions(self) -> None:
@@ -363,6 +365,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ls
         if state["state"] == "running":
+            with contextlib.suppress(Exception):
+                await self._flush_sessions()  # a finished job's sessions are visible on /lookup
             left = await self.store.pending_keys(job.id, "", 1)
             await self.store.finish(job.id, "done" if not left else "failed",
                                     None if not left else "rows left without a verdict")
