@@ -53,3 +53,54 @@ def test_wrong_key_and_unknown_job_are_clear_errors(site: dict[str, str], tmp_pa
     assert r.returncode == 2 and "HTTP 404" in r.stderr
     r = _sounding("jobs", "status", "x", "--url", "http://127.0.0.1:9", key=site["client"])
     assert r.returncode == 2 and "cannot reach" in r.stderr
+
+
+def test_api_without_worker_and_a_separate_worker_process(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from .conftest import free_port
+
+    db = f"sqlite:///{tmp_path / 'split.db'}"
+    key = _sounding("clients", "add", "acme", "--db", db).stdout.strip()
+    net = ["--nameserver", sandbox_proc["ns"], "--smtp-port", sandbox_proc["port"], "--allow-private-mx"]
+    env = {**os.environ, "SOUNDING_STATE_DIR": str(tmp_path / "state")}
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--no-worker", "--port", str(port),
+                            "--db", db, *net], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = None
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(base + "/openapi.json", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        job = httpx.post(base + "/v1/jobs", headers={"X-API-Key": key},
+                         files={"file": ("l.csv", b"email\nfrank@honest.example\n")}).json()
+        time.sleep(1.5)  # no worker in the API process: the job waits
+        assert httpx.get(f"{base}/v1/jobs/{job['id']}", headers={"X-API-Key": key}).json()["state"] == "queued"
+        work = subprocess.Popen([sys.executable, "-m", "sounding", "worker", "--db", db, *net], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(300):
+            p = httpx.get(f"{base}/v1/jobs/{job['id']}", headers={"X-API-Key": key}).json()
+            if p["state"] == "done":
+                break
+            time.sleep(0.1)
+        assert p["state"] == "done" and p["by_status"] == {"deliverable": 1}
+    finally:
+        for proc in (api, work):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    assert work is not None and work.returncode == 0, work.stderr.read() if work.stderr else ""
+    if work.stderr:
+        work.stderr.close()

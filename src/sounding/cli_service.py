@@ -59,6 +59,45 @@ def serve(
                 proxy_headers=False, timeout_keep_alive=30, backlog=4096)
 
 
+@app.command()
+def worker(
+    db: DbOpt = None, helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None,
+    nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
+    config: CfgOpt = None,
+) -> None:
+    """Run jobs only (no HTTP): pair with ``serve --no-worker`` so verification and the API
+    do not share one event loop. Several workers may share a database (jobs are leased)."""
+    import signal
+
+    from .service import Service
+    from .store import Store
+
+    try:
+        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
+                      smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
+    except SoundingError as exc:
+        _fail(exc)
+        return
+
+    async def run() -> None:
+        st = await Store.open(s.db_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with Service(s, st, worker=True) as svc:
+                err.print(f"worker {svc.owner} running jobs from {s.db_url or 'the data directory'}")
+                await stop.wait()
+        finally:
+            await st.close()
+
+    try:
+        asyncio.run(run())
+    except SoundingError as exc:
+        _fail(exc)
+
+
 @clients_app.command("add")
 def clients_add(
     name: Annotated[str, typer.Argument(help="Who the client is.")],
