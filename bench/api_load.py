@@ -1,7 +1,7 @@
 """API load benchmark: 200 concurrent clients against ``sounding serve`` and the sandbox.
 
     python bench/api_load.py [--clients 200] [--verifies 5] [--job-size 50] [--domains 400]
-                             [--delay 0.01] [--db URL]
+                             [--delay 0.01] [--db URL] [--split]
 
 One run, three processes: the sandbox world (``--domains`` domains, each on its own MX that
 waits ``--delay`` before every reply), ``sounding serve`` (uvicorn; SQLite in a temporary
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> None:
                               "--subnet", str(args.subnet)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     with tempfile.TemporaryDirectory(prefix="sounding-load-") as td:
         db = args.db or f"sqlite:///{td}/load.db"
-        serve = None
+        serve = worker = None
         try:
             assert world.stdout is not None
             ready = world.stdout.readline().split()
@@ -181,9 +181,11 @@ def _run(args: argparse.Namespace) -> None:
             keys = asyncio.run(_keys(db, args.clients))
             port = args.port
             env = {**os.environ, "SOUNDING_STATE_DIR": f"{td}/state", "SOUNDING_DAILY_QUOTA": "100000000"}
+            net = ["--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3], "--allow-private-mx"]
             serve = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
-                                      "--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3],
-                                      "--allow-private-mx"], env=env)
+                                      *net, *(["--no-worker"] if args.split else [])], env=env)
+            if args.split:  # jobs in a process of their own: the API's loop only answers HTTP
+                worker = subprocess.Popen([sys.executable, "-m", "sounding", "worker", "--db", db, *net], env=env)
             base = f"http://127.0.0.1:{port}"
             for _ in range(300):
                 try:
@@ -192,12 +194,14 @@ def _run(args: argparse.Namespace) -> None:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             print(f"world: {args.domains} domains x {args.per_domain} addresses, {args.delay * 1000:.0f} ms per "
-                  f"reply; service: {db.split('://')[0]}; {args.clients} concurrent clients", flush=True)
+                  f"reply; service: {db.split('://')[0]}{', API and worker in two processes' if args.split else ''}; "
+                  f"{args.clients} concurrent clients", flush=True)
             asyncio.run(_load(args, base, keys, truth, addrs))
         finally:
-            if serve is not None:
-                serve.terminate()
-                serve.wait(30)
+            for proc in (serve, worker):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
             assert world.stdin is not None
             world.stdin.close()
             world.wait(30)
@@ -215,6 +219,7 @@ def main() -> None:
     ap.add_argument("--subnet", type=int, default=73)
     ap.add_argument("--port", type=int, default=8931)
     ap.add_argument("--db", default=None)
+    ap.add_argument("--split", action="store_true", help="serve --no-worker plus a sounding worker process")
     args = ap.parse_args()
     _serve_world(args) if args.mode == "world" else _run(args)
 
