@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -350,7 +349,3 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def _ex(e: Any) -> dict[str, Any]:
     return {"id": e.id, "kind": e.kind, "value": e.value, "note": e.note, "source": e.source, "added": e.added}
-
-
-def dumps(d: Any) -> str:
-    return json.dumps(d, ensure_ascii=False)

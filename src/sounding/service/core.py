@@ -142,7 +142,6 @@ class Service:
         self._flush_lock = asyncio.Lock()
         self._key_jobs: dict[str, set[str]] = defaultdict(set)
         self._pool_saved = ""
-        self.started = time.time()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from ..engine import FLUSH, Verifier
 from ..smtp.client import SessionResult
@@ -99,6 +98,3 @@ class Dispatcher:
                 # the engine numbers inputs from 0 again in a new run
                 self._next = 0
                 self._feed = asyncio.Queue()
-
-    def stats(self) -> dict[str, Any]:
-        return self.verifier.stats.as_dict()

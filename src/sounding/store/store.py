@@ -293,11 +293,6 @@ class Store:
                 JobRow.job_id == job_id, JobRow.done_at.is_(None), JobRow.key > after)
                 .group_by(JobRow.key).order_by(JobRow.key).limit(limit))).scalars())
 
-    async def first_address(self, job_id: str, key: str) -> str:
-        async with self.session() as s:
-            return (await s.execute(select(JobRow.address).where(
-                JobRow.job_id == job_id, JobRow.key == key).limit(1))).scalar_one()
-
     async def record(self, job_id: str, results: Sequence[tuple[str, dict[str, Any]]], *,
                      cache_for: dict[str, float] | None = None) -> int:
         """Store verdicts for the job's rows with these keys (only rows still empty) and, if
@@ -366,11 +361,6 @@ class Store:
                 return
             last = chunk[-1].idx
 
-    async def job_domains(self, job_id: str) -> set[str]:
-        async with self.session() as s:
-            keys = (await s.execute(select(JobRow.key).where(JobRow.job_id == job_id))).scalars()
-            return {k.rpartition("@")[2] for k in keys if "@" in k}
-
     # ------------------------------------------------------------------ domains
     async def note_domain(self, domain: str, mx_host: str | None, catch_all: bool | None, ttl: float) -> None:
         now = time.time()
@@ -379,11 +369,6 @@ class Store:
                                                   checked_at=now, expires_at=now + ttl)
             await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
                 "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
-
-    async def domain(self, domain: str) -> DomainInfo | None:
-        async with self.session() as s:
-            return (await s.execute(select(DomainInfo).where(
-                DomainInfo.domain == domain, DomainInfo.expires_at > time.time()))).scalar_one_or_none()
 
     # ------------------------------------------------------------------ exemptions
     async def exemptions(self) -> list[ExemptionRow]:
