@@ -24,7 +24,7 @@ from ..listio import ResultWriter, Row
 from ..settings import Settings
 from ..store import QuotaExceeded, Store
 from ..store.models import Client, Job
-from ..verdict import Verdict
+from ..verdict import Evidence, Verdict
 from .core import Service
 
 PROBLEM = "application/problem+json"
@@ -53,19 +53,6 @@ class VerifyRequest(BaseModel):
     use_cache: bool = Field(True, description="Reuse a recent verdict for this address.")
 
 
-class EvidenceOut(BaseModel):
-    mx_host: str | None = None
-    mx_ip: str | None = None
-    source_ip: str | None = None
-    code: int | None = None
-    enhanced: str | None = None
-    text: str | None = None
-    transcript_id: str | None = None
-    blocklist: str | None = None
-    delist_url: str | None = None
-    detail: str | None = None
-
-
 class VerdictOut(BaseModel):
     address: str
     normalized: str | None = None
@@ -75,7 +62,7 @@ class VerdictOut(BaseModel):
     suggestion: str | None = None
     retry_after: float | None = None
     checked_at: str
-    evidence: EvidenceOut
+    evidence: Evidence  # the verdict's own dataclass: one definition of the fields
     cached: bool = False
 
 
