@@ -55,13 +55,10 @@ def _serve_world(args: argparse.Namespace) -> None:
 
 
 async def _keys(db: str, n: int) -> list[str]:
-    from sounding.store import Store
+    from sounding.store import opened
 
-    st = await Store.open(db)
-    try:
+    async with opened(db) as st:
         return [(await st.create_client(f"load-{i}"))[1] for i in range(n)]
-    finally:
-        await st.close()
 
 
 async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dict[str, str],

@@ -220,7 +220,7 @@ def test_reputation_shows_nothing_on_a_fresh_state(tmp_path: Path) -> None:
 def test_canaries_kept_in_the_service_database(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
     import asyncio
 
-    from sounding.store import Store
+    from sounding.store import opened
 
     db = ["--db", f"sqlite:///{tmp_path / 'svc.db'}"]
     r = runner.invoke(app, ["canaries", "add", "dave@honest.example", "--expect", "undeliverable", *db])
@@ -230,11 +230,8 @@ def test_canaries_kept_in_the_service_database(sandbox_proc: dict[str, str], tmp
     assert not (tmp_path / "canaries.json").exists()
 
     async def stored() -> dict[str, object] | None:
-        st = await Store.open(db[1])
-        try:
+        async with opened(db[1]) as st:
             return await st.get_kv("canaries")
-        finally:
-            await st.close()
 
     data = asyncio.run(stored())
     assert data is not None

@@ -56,16 +56,13 @@ DbOpt = Annotated[str | None, typer.Option(
 
 
 async def _kv(db: str, value: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    from .store import Store
+    from .store import opened
 
-    st = await Store.open(db)
-    try:
+    async with opened(db) as st:
         if value is not None:
             await st.put_kv("canaries", value)
             return value
         return await st.get_kv("canaries")
-    finally:
-        await st.close()
 
 
 def _book(config: Path | None, state_dir: Path | None, db: str | None) -> CanaryBook:

@@ -11,14 +11,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
 
 from .cli import CfgOpt, FromOpt, HeloOpt, NsOpt, PortOpt, PrivOpt, SrcOpt, _fail, _settings, app, err, out
 from .errors import SoundingError
+from .settings import Settings
+
+if TYPE_CHECKING:  # the store (SQLAlchemy, Alembic) is imported only by the commands that use it
+    from .store import Store
+    from .store.models import Client
+
+T = TypeVar("T")
 
 clients_app = typer.Typer(no_args_is_help=True, help="API clients and their keys.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Bulk jobs on a running service.")
@@ -28,6 +36,30 @@ app.add_typer(jobs_app, name="jobs")
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (default: SQLite in the data dir).")]
 UrlOpt = Annotated[str, typer.Option("--url", envvar="SOUNDING_URL", help="The service's base URL.")]
 KeyOpt = Annotated[str, typer.Option("--key", envvar="SOUNDING_API_KEY", help="Your API key.")]
+
+
+def _configured(config: Path | None, **kw: Any) -> Settings:
+    """Settings from file, environment and options; a clear error (exit 2) when invalid."""
+    try:
+        return _settings(config, **kw)
+    except SoundingError as exc:
+        _fail(exc)
+        raise
+
+
+def _with_store(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``fn`` on the configured database (opened and migrated, then closed)."""
+    from .store import opened
+
+    async def go() -> T:
+        async with opened(s.db_url) as st:
+            return await fn(st)
+
+    try:
+        return asyncio.run(go())
+    except SoundingError as exc:
+        _fail(exc)
+        raise
 
 
 @app.command()
@@ -44,12 +76,8 @@ def serve(
 
     from .service import create_app
 
-    try:
-        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
-                      smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
-    except SoundingError as exc:
-        _fail(exc)
-        return
+    s = _configured(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
+                    smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
     if not s.secret_key:
         s = s.with_(secret_key=secrets.token_hex(32))
     err.print(f"serving on http://{host}:{port}/ (API docs at /docs), database "
@@ -70,32 +98,20 @@ def worker(
     import signal
 
     from .service import Service
-    from .store import Store
 
-    try:
-        s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
-                      smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
-    except SoundingError as exc:
-        _fail(exc)
-        return
+    s = _configured(config, helo=helo, mail_from=mail_from, source_ips=source_ip, nameservers=nameserver,
+                    smtp_port=smtp_port, allow_private_mx=allow_private_mx, db_url=db)
 
-    async def run() -> None:
-        st = await Store.open(s.db_url)
+    async def run(st: Store) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            async with Service(s, st, worker=True) as svc:
-                err.print(f"worker {svc.owner} running jobs from {s.db_url or 'the data directory'}")
-                await stop.wait()
-        finally:
-            await st.close()
+        async with Service(s, st, worker=True) as svc:
+            err.print(f"worker {svc.owner} running jobs from {s.db_url or 'the data directory'}")
+            await stop.wait()
 
-    try:
-        asyncio.run(run())
-    except SoundingError as exc:
-        _fail(exc)
+    _with_store(s, run)
 
 
 @clients_app.command("add")
@@ -106,47 +122,19 @@ def clients_add(
     db: DbOpt = None, config: CfgOpt = None,
 ) -> None:
     """Create a client and print its API key (shown once; only a hash is stored)."""
-    try:
-        s = _settings(config, db_url=db)
-    except SoundingError as exc:
-        _fail(exc)
-        return
+    async def create(st: Store) -> tuple[Client, str]:
+        return await st.create_client(name, operator=operator, daily_quota=quota)
 
-    async def go() -> tuple[int, str]:
-        from .store import Store
-
-        st = await Store.open(s.db_url)
-        try:
-            c, key = await st.create_client(name, operator=operator, daily_quota=quota)
-            return c.id, key
-        finally:
-            await st.close()
-
-    try:
-        cid, key = asyncio.run(go())
-    except SoundingError as exc:
-        _fail(exc)
-        return
-    err.print(f"client {cid} {name!r}{' (operator)' if operator else ''}; its API key:")
+    c, key = _with_store(_configured(config, db_url=db), create)
+    err.print(f"client {c.id} {name!r}{' (operator)' if operator else ''}; its API key:")
     print(key)
 
 
 @clients_app.command("list")
 def clients_list(db: DbOpt = None, config: CfgOpt = None) -> None:
     """Show clients (never their keys)."""
-    s = _settings(config, db_url=db)
-
-    async def go() -> list[Any]:
-        from .store import Store
-
-        st = await Store.open(s.db_url)
-        try:
-            return await st.clients()
-        finally:
-            await st.close()
-
     t = Table("id", "name", "key starts", "operator", "daily quota")
-    for c in asyncio.run(go()):
+    for c in _with_store(_configured(config, db_url=db), lambda st: st.clients()):
         t.add_row(str(c.id), c.name, c.key_prefix + "…", "yes" if c.operator else "", str(c.daily_quota or "default"))
     out.print(t)
 

@@ -8,6 +8,7 @@ verdict can never be stored twice.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import secrets
@@ -42,6 +43,16 @@ from .models import (
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 ACTIVE = ("queued", "running")
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str | None = None) -> AsyncIterator[Store]:
+    """``async with opened(url) as store:`` — open (and migrate), then close."""
+    st = await Store.open(url)
+    try:
+        yield st
+    finally:
+        await st.close()
 
 
 def default_db_url() -> str:
