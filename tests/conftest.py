@@ -81,13 +81,7 @@ def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
             pytest.fail("sandbox exited: " + "".join(lines))
     yield {"sample": str(sample), "log": str(log), "ns": f"127.199.255.53:{dns_port}", "port": smtp_port,
            "banner": "".join(lines)}
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    proc.stdout.close()
+    stop_process(proc, signal.SIGINT)
 
 
 @pytest.fixture(autouse=True)
@@ -145,47 +139,64 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 15) -> str:
+    """Send ``sig``, wait, kill if it will not end; return what is left of its output."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is None:
+        return ""
+    with proc.stdout:
+        return proc.stdout.read()
+
+
+def add_client(db: str, name: str, *extra: str) -> str:
+    """``sounding clients add``: the new client's API key."""
+    return subprocess.run([sys.executable, "-m", "sounding", "clients", "add", name, "--db", db, *extra],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def start_serve(sandbox: dict[str, str], db: str, port: int, env: dict[str, str], *extra: str,
+                timeout: float = 30) -> subprocess.Popen[str]:
+    """``sounding serve`` in its own process against a sandbox (``ns`` and ``port`` keys),
+    returned once it answers HTTP; its exit output is the error when it does not."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
+                             "--nameserver", sandbox["ns"], "--smtp-port", sandbox["port"], "--allow-private-mx",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            assert proc.stdout is not None
+            raise AssertionError("serve exited: " + proc.stdout.read())
+        time.sleep(0.1)
+    stop_process(proc)
+    raise AssertionError("serve did not start")
+
+
 @contextlib.contextmanager
 def serve_site(sandbox: dict[str, str], d: Path) -> Iterator[dict[str, str]]:
     """``sounding serve`` in its own process on a fresh SQLite database, talking to the
     ``sandbox_proc`` world; with a client key and an operator key."""
-    import httpx
-
     db = f"sqlite:///{d / 'site.db'}"
-
-    def key(name: str, *extra: str) -> str:
-        return subprocess.run([sys.executable, "-m", "sounding", "clients", "add", name, "--db", db, *extra],
-                              capture_output=True, text=True, check=True).stdout.strip()
-
-    client, operator = key("Acme Mailers"), key("ops", "--operator")
+    client, operator = add_client(db, "Acme Mailers"), add_client(db, "ops", "--operator")
     port = free_port()
-    env = {**os.environ, "SOUNDING_STATE_DIR": str(d / "state"), "SOUNDING_MAX_WAIT": "20",
+    env = {"SOUNDING_STATE_DIR": str(d / "state"), "SOUNDING_MAX_WAIT": "20",
            "SOUNDING_OPERATOR_NAME": "Sandbox Verification Ltd", "SOUNDING_OPERATOR_EMAIL": "abuse@sounding.example"}
-    proc = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
-                             "--nameserver", sandbox["ns"], "--smtp-port", sandbox["port"], "--allow-private-mx"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc = start_serve(sandbox, db, port, env)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                break
-        else:
-            raise AssertionError("serve did not start")
-        if proc.poll() is not None:
-            assert proc.stdout is not None
-            raise AssertionError("serve exited: " + proc.stdout.read())
-        yield {"base": base, "client": client, "operator": operator, "dir": str(d), "log": sandbox["log"]}
+        yield {"base": f"http://127.0.0.1:{port}", "client": client, "operator": operator, "dir": str(d),
+               "log": sandbox["log"]}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_process(proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,36 +57,29 @@ def test_wrong_key_and_unknown_job_are_clear_errors(site: dict[str, str], tmp_pa
 
 
 def test_api_without_worker_and_a_separate_worker_process(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
-    import os
     import signal
     import time
 
     import httpx
 
-    from .conftest import free_port
+    from .conftest import add_client, free_port, start_serve, stop_process
 
     db = f"sqlite:///{tmp_path / 'split.db'}"
-    key = _sounding("clients", "add", "acme", "--db", db).stdout.strip()
-    net = ["--nameserver", sandbox_proc["ns"], "--smtp-port", sandbox_proc["port"], "--allow-private-mx"]
-    env = {**os.environ, "SOUNDING_STATE_DIR": str(tmp_path / "state")}
+    key = add_client(db, "acme")
+    env = {"SOUNDING_STATE_DIR": str(tmp_path / "state")}
     port = free_port()
-    api = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--no-worker", "--port", str(port),
-                            "--db", db, *net], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = start_serve(sandbox_proc, db, port, env, "--no-worker")
     work = None
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            try:
-                httpx.get(base + "/openapi.json", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         job = httpx.post(base + "/v1/jobs", headers={"X-API-Key": key},
                          files={"file": ("l.csv", b"email\nfrank@honest.example\n")}).json()
         time.sleep(1.5)  # no worker in the API process: the job waits
         assert httpx.get(f"{base}/v1/jobs/{job['id']}", headers={"X-API-Key": key}).json()["state"] == "queued"
-        work = subprocess.Popen([sys.executable, "-m", "sounding", "worker", "--db", db, *net], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        work = subprocess.Popen([sys.executable, "-m", "sounding", "worker", "--db", db, "--nameserver",
+                                 sandbox_proc["ns"], "--smtp-port", sandbox_proc["port"], "--allow-private-mx"],
+                                env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
         for _ in range(300):
             p = httpx.get(f"{base}/v1/jobs/{job['id']}", headers={"X-API-Key": key}).json()
             if p["state"] == "done":
@@ -93,14 +87,6 @@ def test_api_without_worker_and_a_separate_worker_process(sandbox_proc: dict[str
             time.sleep(0.1)
         assert p["state"] == "done" and p["by_status"] == {"deliverable": 1}
     finally:
-        for proc in (api, work):
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-    assert work is not None and work.returncode == 0, work.stderr.read() if work.stderr else ""
-    if work.stderr:
-        work.stderr.close()
+        stop_process(api)
+        output = stop_process(work, signal.SIGTERM) if work is not None else ""
+    assert work is not None and work.returncode == 0, output

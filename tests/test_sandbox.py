@@ -21,7 +21,7 @@ import pytest
 from sounding.errors import ConfigError
 from sounding.sandbox import Sandbox, World, default_world
 
-from .conftest import start_world
+from .conftest import start_world, stop_process
 
 HELO = "probe.sounding.example"
 SENDER = "verify@sounding.example"
@@ -418,13 +418,6 @@ def test_sandbox_up_runs_as_a_normal_user_and_as_root(tmp_path: Path, who: str, 
             assert s.rcpt("nobody0@honest.example")[:1] == (550,)
         assert sample.stat().st_size > 1000
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
+        stop_process(proc, signal.SIGINT, 10)
     recs = [json.loads(x) for x in log.read_text("utf-8").splitlines() if x.strip()]
     assert [r.get("verb") for r in recs if r.get("ev") == "cmd"] == ["EHLO", "MAIL", "RCPT", "RCPT", "QUIT"]

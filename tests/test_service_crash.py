@@ -4,9 +4,7 @@ with no result lost or duplicated and no finished address probed again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +17,12 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
+from .conftest import add_client, free_port, start_serve, stop_process
+
 pytestmark = pytest.mark.slow
 
 DOMAINS = [f"slow{i}.example" for i in range(6)]
 PER_DOMAIN = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
@@ -56,7 +50,7 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     wf = d / "world.yaml"
     wf.write_text(yaml.safe_dump(world), "utf-8")
     log = d / "sessions.jsonl"
-    smtp, dns_port = _free_port(), _free_port()
+    smtp, dns_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sounding", "sandbox", "up", "--world", str(wf), "--subnet", "193",
                              "--smtp-port", str(smtp), "--dns-port", str(dns_port), "--log", str(log),
                              "--sample", str(d / "sample.csv")],
@@ -65,43 +59,12 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         _wait_line(proc, "verify with:")
         yield {"ns": f"127.193.255.53:{dns_port}", "smtp": str(smtp), "log": log}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_process(proc, signal.SIGINT)
 
 
 def _serve(world: dict[str, Any], db: str, port: int, state: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "SOUNDING_STATE_DIR": str(state), "SOUNDING_MAX_WAIT": "30"}
-    proc = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
-                             "--nameserver", world["ns"], "--smtp-port", world["smtp"], "--allow-private-mx"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for _ in range(200):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            assert proc.stdout is not None
-            raise AssertionError("serve exited: " + proc.stdout.read())
-        time.sleep(0.1)
-    raise AssertionError("serve did not come up")
-
-
-def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
-    proc.send_signal(sig)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    assert proc.stdout is not None
-    proc.stdout.close()
+    return start_serve({"ns": world["ns"], "port": world["smtp"]}, db, port,
+                       {"SOUNDING_STATE_DIR": str(state), "SOUNDING_MAX_WAIT": "30"})
 
 
 def _rcpts(log: Path, since: float) -> list[str]:
@@ -127,9 +90,8 @@ def _stored(db: str, job_id: str) -> dict[int, str]:
 
 def test_sigkill_mid_job_then_restart_completes_it_exactly_once(slow_world: dict[str, Any], db_url: str,
                                                                  tmp_path: Path) -> None:
-    key = subprocess.run([sys.executable, "-m", "sounding", "clients", "add", "acme", "--db", db_url],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    port = _free_port()
+    key = add_client(db_url, "acme")
+    port = free_port()
     addrs = [f"u{i}@{dom}" for i in range(PER_DOMAIN) for dom in DOMAINS]
     body = "email,n\n" + "".join(f"{a},{n}\n" for n, a in enumerate(addrs))
     proc = _serve(slow_world, db_url, port, tmp_path / "state")
@@ -143,14 +105,8 @@ def test_sigkill_mid_job_then_restart_completes_it_exactly_once(slow_world: dict
                 break
             time.sleep(0.05)
         assert 0 < p["done"] < p["total"], p
-        proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
-        proc.wait(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
+        stop_process(proc, signal.SIGKILL)  # no cleanup of any kind
     killed_at = time.time()
     before = _stored(db_url, job["id"])
     assert 0 < len(before) < len(addrs)
@@ -167,7 +123,7 @@ def test_sigkill_mid_job_then_restart_completes_it_exactly_once(slow_world: dict
         res = httpx.get(f"{base}/v1/jobs/{job['id']}/results", headers=h, params={"format": "jsonl"})
         out = [json.loads(x) for x in res.text.splitlines()]
     finally:
-        _stop(proc)
+        stop_process(proc)
     assert [o["email"] for o in out] == addrs  # nothing lost, nothing doubled, input order
     after = _stored(db_url, job["id"])
     assert len(after) == len(addrs)
