@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import re
 import secrets
@@ -185,8 +186,6 @@ class Service:
                     await self.refresh_exemptions()  # entries other processes added
 
     async def _save_pool(self) -> None:
-        import json
-
         d = self.verifier.pool.to_dict()
         text = json.dumps(d, sort_keys=True)
         if text != self._pool_saved:

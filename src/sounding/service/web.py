@@ -225,9 +225,7 @@ async def app_home(request: Request) -> Response:
     c = await _client(request)
     if c is None:
         return render(request, "login.html", {"error": "", "next": "/app"})
-    svc = _svc(request)
-    jobs = [(await svc.store.progress(j)).to_dict() for j in await svc.store.jobs(c.id, limit=20)]
-    return render(request, "app_home.html", {"client": c, "jobs": jobs, "error": ""})
+    return await _home(request, c)
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -261,20 +259,21 @@ async def app_upload(request: Request, file: Annotated[UploadFile, File()],
         return RedirectResponse("/app", status_code=303)
     svc = _svc(request)
     if not _csrf_ok(request, csrf):
-        return await _home_error(request, c, "The form expired; please upload again.")
+        return await _home(request, c, "The form expired; please upload again.", 400)
     try:
         data = await read_limited(file, svc.settings.max_upload_bytes)
         job = await svc.submit_job(c, (file.filename or "upload")[:300], data)
     except QuotaExceeded as exc:
-        return await _home_error(request, c, str(exc), 429)
+        return await _home(request, c, str(exc), 429)
     except SoundingError as exc:
-        return await _home_error(request, c, f"That list cannot be read: {exc}", 400)
+        return await _home(request, c, f"That list cannot be read: {exc}", 400)
     except Exception as exc:  # the API's Problem (too large) and friends
-        return await _home_error(request, c, str(exc), 413)
+        return await _home(request, c, str(exc), 413)
     return RedirectResponse(f"/app/jobs/{job.id}", status_code=303)
 
 
-async def _home_error(request: Request, c: Client, error: str, status: int = 400) -> HTMLResponse:
+async def _home(request: Request, c: Client, error: str = "", status: int = 200) -> HTMLResponse:
+    """The dashboard: the upload form and recent jobs (with an error above them, if any)."""
     svc = _svc(request)
     jobs = [(await svc.store.progress(j)).to_dict() for j in await svc.store.jobs(c.id, limit=20)]
     return render(request, "app_home.html", {"client": c, "jobs": jobs, "error": error}, status)
