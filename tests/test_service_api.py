@@ -117,6 +117,12 @@ async def test_bulk_job_keeps_columns_dedupes_and_defuses_formulas(api: Api) -> 
     assert by["0"]["status"] == "deliverable" and by["2"]["reason"] == "no_mailbox"
     assert by["5"]["status"] == "risky" and by["6"]["reason"] == "no_domain"
     assert by["98"]["status"] == "deliverable" and by["99"]["reason"] == "syntax" and by["100"]["error"]
+    # what was learnt about the domains is kept (one write per batch)
+    from sqlalchemy import text
+
+    async with api.store.engine.connect() as conn:
+        learnt = dict((await conn.execute(text("SELECT domain, catch_all FROM domain_cache"))).all())
+    assert learnt["catchall.example"] and not learnt["honest.example"] and learnt["honest.example"] is not None
     # the duplicate was asked once
     rcpts = [a for s in api.sb.log.sessions("mx1.honest.example") for v, a, _ in s.commands if v == "RCPT"]
     assert sum("alice@honest.example" in a.lower() for a in rcpts) == 1

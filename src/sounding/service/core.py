@@ -378,10 +378,14 @@ class Service:
             if not self._key_jobs.get(k):
                 self._key_jobs.pop(k, None)
             if v.evidence.mx_host:
-                ca = True if "catch_all" in v.flags else (False if v.reason is Reason.NO_MAILBOX else None)
-                seen[k.rpartition("@")[2]] = (v.evidence.mx_host, ca)
-        for dom, (mx, ca) in seen.items():
-            await self.store.note_domain(dom, mx, ca, self.settings.catch_all_ttl)
+                # deliverable means the random probe was refused; a 550 shows the same
+                ca = True if "catch_all" in v.flags else (
+                    False if v.status is Status.DELIVERABLE or v.reason is Reason.NO_MAILBOX else None)
+                dom = k.rpartition("@")[2]
+                known = seen.get(dom, (None, None))[1]
+                seen[dom] = (v.evidence.mx_host, ca if ca is not None else known)
+        if seen:
+            await self.store.note_domains(seen, self.settings.catch_all_ttl)
 
 
 def _relay(key: str, results: asyncio.Queue[tuple[str, Verdict | None] | None],

@@ -373,13 +373,15 @@ class Store:
             last = chunk[-1].idx
 
     # ------------------------------------------------------------------ domains
-    async def note_domain(self, domain: str, mx_host: str | None, catch_all: bool | None, ttl: float) -> None:
+    async def note_domains(self, seen: dict[str, tuple[str | None, bool | None]], ttl: float) -> None:
+        """Record domain -> (MX host, catch-all) for ``ttl`` seconds, in one transaction."""
         now = time.time()
         async with self.session() as s, s.begin():
-            ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
-                                                  checked_at=now, expires_at=now + ttl)
-            await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
-                "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
+            for domain, (mx_host, catch_all) in seen.items():
+                ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
+                                                      checked_at=now, expires_at=now + ttl)
+                await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
+                    "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
 
     # ------------------------------------------------------------------ exemptions
     async def exemptions(self) -> list[ExemptionRow]:
