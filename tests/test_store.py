@@ -83,6 +83,10 @@ async def test_job_rows_results_are_written_once_and_leases_are_exclusive(db_url
         out = [(r.idx, r.status, r.cells) async for r in st.rows(job.id, batch=2)]
         assert out == [(0, "deliverable", ["a@x.example", "n0"]), (1, "undeliverable", ["b@x.example", "n1"]),
                        (2, "deliverable", ["a@x.example", "n2"]), (3, "undeliverable", ["x"])]
+        found, n = await st.find_rows(job.id, status="deliverable", limit=1)
+        assert n == 2 and [r.idx for r in found] == [0]
+        assert (await st.find_rows(job.id, contains="B@X"))[1] == 1
+        assert (await st.find_rows(job.id, contains="%"))[1] == 0  # LIKE wildcards are escaped
         assert not await st.cancel(job.id)  # finished jobs cannot be cancelled, only deleted
         await st.delete_job(job.id)
         assert await st.job(job.id) is None

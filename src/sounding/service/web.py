@@ -300,18 +300,13 @@ async def app_job(request: Request, job_id: str, status: str = "", q: str = "") 
     status = status if status in STATUSES else ""
     q = q.strip().lower()[:200]
     if prog["state"] not in ("queued", "running"):
-        async for r in st.rows(job.id):
+        found, shown = await st.find_rows(job.id, status=status, contains=q, limit=500)
+        for r in found:
             res = r.result or {}
-            if status and res.get("status") != status:
-                continue
-            if q and q not in r.address.lower():
-                continue
-            shown += 1
-            if len(rows) < 500:
-                rows.append({"line": r.line, "address": r.address, "status": res.get("status", ""),
-                             "reason": res.get("reason", ""), "flags": ", ".join(res.get("flags") or []),
-                             "mx": (res.get("evidence") or {}).get("mx_host", ""),
-                             "code": (res.get("evidence") or {}).get("code", "")})
+            rows.append({"line": r.line, "address": r.address, "status": res.get("status", ""),
+                         "reason": res.get("reason", ""), "flags": ", ".join(res.get("flags") or []),
+                         "mx": (res.get("evidence") or {}).get("mx_host", ""),
+                         "code": (res.get("evidence") or {}).get("code", "")})
     return render(request, "app_job.html", {"client": c, "job": prog, "rows": rows, "shown": shown,
                                             "status": status, "q": q, "chart": chart(prog["by_status"]),
                                             "statuses": STATUSES})

@@ -372,6 +372,20 @@ class Store:
                 return
             last = chunk[-1].idx
 
+    async def find_rows(self, job_id: str, *, status: str = "", contains: str = "",
+                        limit: int = 500) -> tuple[list[JobRow], int]:
+        """The first ``limit`` rows (input order) with this status and/or an address containing
+        ``contains`` (case-insensitive), and how many match in all — filtered by the database."""
+        cond = [JobRow.job_id == job_id]
+        if status:
+            cond.append(JobRow.status == status)
+        if contains:
+            cond.append(func.lower(JobRow.address).like(f"%{_like(contains.lower())}%", escape="\\"))
+        async with self.session() as s:
+            total = (await s.execute(select(func.count()).select_from(JobRow).where(*cond))).scalar_one()
+            rows = list((await s.execute(select(JobRow).where(*cond).order_by(JobRow.idx).limit(limit))).scalars())
+        return rows, int(total)
+
     # ------------------------------------------------------------------ domains
     async def note_domains(self, seen: dict[str, tuple[str | None, bool | None]], ttl: float) -> None:
         """Record domain -> (MX host, catch-all) for ``ttl`` seconds, in one transaction."""
