@@ -36,7 +36,7 @@ from .courtesy.socks import socks_opener
 from .dns import MxResolver, MxResult, make_resolver
 from .errors import AddressError, ConnectFailed, PhaseTimeout
 from .settings import Settings
-from .smtp.classify import Outcome, classify
+from .smtp.classify import Classification, Outcome, classify
 from .smtp.client import Opener, SessionResult, run_session
 from .smtp.reply import Reply
 from .smtp.session import ProbeSession
@@ -198,6 +198,15 @@ _LOCAL_CHARS = string.ascii_lowercase + string.digits
 #: Yielded by an open-ended feed when it has nothing more for the moment: the verifier then
 #: starts what it has read instead of waiting to batch more (see service.dispatch).
 FLUSH: Any = type("Flush", (str,), {"__repr__": lambda self: "FLUSH"})("")
+
+
+def _evidence(res: SessionResult, reply: Reply | None, cls: Classification | None = None) -> Evidence:
+    """The evidence a session's reply gives (with blocklist and delisting URL when classified)."""
+    if reply is None:
+        return Evidence(res.mx_host, res.mx_ip, res.source_ip, transcript_id=res.transcript.id)
+    return Evidence(res.mx_host, res.mx_ip, res.source_ip, reply.code, reply.enhanced_str or None,
+                    reply.text[:500], res.transcript.id, cls.blocklist if cls else None,
+                    cls.delist_url if cls else None)
 
 
 class Verifier:
@@ -481,10 +490,15 @@ class Verifier:
                     j.pin = None
         return self.pool.choose(g.receiver)
 
+    def _paused_for(self, receiver: str) -> float:
+        """Seconds until the receiver's pause ends (at least a minute; a quarantine if unknown)."""
+        until = self.pool.paused_until(receiver)
+        return max(60.0, until - self.wall_clock()) if until else self.settings.quarantine
+
     def _give_up_group(self, g: _Group, inflight: dict[str, _Job]) -> None:
         """No source may talk to this receiver now: every waiting recipient is unknown."""
         until = self.pool.paused_until(g.receiver)
-        hint = max(60.0, until - self.wall_clock()) if until else self.settings.quarantine
+        hint = self._paused_for(g.receiver)
         why = self.pool.paused.get(g.receiver, (0, ""))[1] if until else (
             "no source address may talk to this receiver now (quarantined, banned or DNSBL-listed)")
         jobs = [*g.queue, *(j for _, _, j in g.delayed)]
@@ -709,10 +723,7 @@ class Verifier:
                     self.stats.greylist_retries += 1
                     requeue.append(j)
                     continue
-            ev = Evidence(res.mx_host, res.mx_ip, res.source_ip, reply.code,
-                          reply.enhanced_str or None, reply.text[:500], res.transcript.id,
-                          cls.blocklist, cls.delist_url)
-            self._resolve_job(j, None, inflight, reply=reply, cls=cls, evidence=ev)
+            self._resolve_job(j, None, inflight, reply=reply, cls=cls, evidence=_evidence(res, reply, cls))
         # recipients never answered (connection lost, timeout, refused everywhere)
         for j in chunk:
             if j.rcpt in out.replies or j in requeue or id(j) in settled:
@@ -741,11 +752,7 @@ class Verifier:
                 last = out.replies.get(j.rcpt) or out.fatal
                 hint = classify(last).retry_after if last else None
                 reason = Reason.GREYLISTED if j.greylisted_since else Reason.RATE_LIMITED
-                ev = Evidence(res.mx_host, res.mx_ip, res.source_ip,
-                              last.code if last else None,
-                              last.enhanced_str if last else None,
-                              last.text[:500] if last else None, res.transcript.id)
-                self._resolve_job(j, unknown(j.rcpt, reason, evidence=ev, flags=_flags(
+                self._resolve_job(j, unknown(j.rcpt, reason, evidence=_evidence(res, last), flags=_flags(
                     j.parsed), hint=hint, **_kw(j.parsed)), inflight)
                 continue
             if j.kind != "client":
@@ -786,15 +793,10 @@ class Verifier:
         if self.pool.paused_until(g.receiver) is None:
             self.pool.pause(g.receiver, f"blocked from {src.key}: {text}")
             self.stats.paused_receivers += 1
-        until = self.pool.paused_until(g.receiver)
-        hint = max(60.0, until - self.wall_clock()) if until else self.settings.quarantine
+        hint = self._paused_for(g.receiver)
         for j in jobs:
             last = out.replies.get(j.rcpt) or out.fatal
-            cls = classify(last) if last is not None else None
-            ev = Evidence(res.mx_host, res.mx_ip, res.source_ip,
-                          last.code if last else None, last.enhanced_str if last else None,
-                          last.text[:500] if last else None, res.transcript.id,
-                          cls.blocklist if cls else None, cls.delist_url if cls else None)
+            ev = _evidence(res, last, classify(last) if last is not None else None)
             self._resolve_job(j, unknown(j.rcpt, Reason.IP_BLOCKED, evidence=ev, hint=hint,
                                          flags=_flags(j.parsed), **_kw(j.parsed)), inflight)
         return []
