@@ -64,9 +64,11 @@ def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     d = tmp_path_factory.mktemp("sb")
     sample = d / "sample.csv"
     log = d / "sessions.jsonl"
-    smtp_port, dns_port = "25251", "25353"
+    # its own subnet and free ports, so that several test runs on one machine do not collide
+    subnet = str(int(os.environ.get("SOUNDING_TEST_SUBNET", "0")) or 100 + os.getpid() % 150)
+    smtp_port, dns_port = str(free_port()), str(free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", "199", "--smtp-port", smtp_port,
+        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet, "--smtp-port", smtp_port,
          "--dns-port", dns_port, "--sample", str(sample), "--log", str(log)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 30
@@ -79,7 +81,8 @@ def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
             break
         if proc.poll() is not None:
             pytest.fail("sandbox exited: " + "".join(lines))
-    yield {"sample": str(sample), "log": str(log), "ns": f"127.199.255.53:{dns_port}", "port": smtp_port,
+    yield {"sample": str(sample), "log": str(log), "ns": f"127.{subnet}.255.53:{dns_port}", "port": smtp_port,
+           "subnet": subnet, "dns_port": dns_port,
            "banner": "".join(lines)}
     stop_process(proc, signal.SIGINT)
 
@@ -197,6 +200,6 @@ def serve_site(sandbox: dict[str, str], d: Path) -> Iterator[dict[str, str]]:
     proc = start_serve(sandbox, db, port, env)
     try:
         yield {"base": f"http://127.0.0.1:{port}", "client": client, "operator": operator, "dir": str(d),
-               "log": sandbox["log"]}
+               "log": sandbox["log"], "subnet": sandbox.get("subnet", "")}
     finally:
         stop_process(proc)

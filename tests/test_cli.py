@@ -24,12 +24,13 @@ def _common(sb: dict[str, str]) -> list[str]:
 
 
 def test_sandbox_up_prints_dns_and_a_sample_with_truth(sandbox_proc: dict[str, str]) -> None:
-    assert "DNS      127.199.255.53:25353" in sandbox_proc["banner"]
+    sub, port = sandbox_proc["subnet"], sandbox_proc["dns_port"]
+    assert f"DNS      127.{sub}.255.53:{port}" in sandbox_proc["banner"]
     with open(sandbox_proc["sample"], encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) >= 300 and {"email", "truth_status", "truth_reason"} <= set(rows[0])
     dig = subprocess.run(["python3", "-c", "import dns.resolver as r; x=r.Resolver(configure=False);"
-                          "x.nameservers=['127.199.255.53']; x.port=25353;"
+                          f"x.nameservers=['127.{sub}.255.53']; x.port={port};"
                           "print(x.resolve('honest.example','MX')[0])"], capture_output=True, text=True)
     assert dig.stdout.strip() == "10 mx1.honest.example."
 
