@@ -116,7 +116,8 @@ def test_doctor_passes_for_a_well_set_up_source(sandbox_proc: dict[str, str]) ->
 def test_doctor_fails_with_what_to_fix(sandbox_proc: dict[str, str]) -> None:
     r = runner.invoke(app, ["doctor", "--nameserver", sandbox_proc["ns"], "--source-ip", "127.0.0.66",
                             "--source-ip", "127.0.0.1", "--helo", "wrong.sounding.example",
-                            "--port25-host", f"127.{sandbox_proc['subnet']}.254.254", "--port25-port", sandbox_proc["port"]],
+                            "--port25-host", f"127.{sandbox_proc['subnet']}.254.254",
+                            "--port25-port", sandbox_proc["port"]],
                       env={"COLUMNS": "250"})
     assert r.exit_code == 1, r.output
     out = " ".join(r.output.split())
