@@ -71,10 +71,11 @@ def test_verify_list_keeps_every_row_reports_bad_ones_and_neutralises_formulas(
     assert by["Bob"]["status"] == "undeliverable" and by["Bob"]["reason"] == "no_mailbox"
     assert by["Bob"]["smtp_enhanced"] == "5.1.1"
     assert by["Bad"]["reason"] == "syntax" and by["Nul"]["reason"] == "syntax"
-    assert by["Short"]["error"] and by["Short"]["reason"] == "syntax"
+    # a row without the e-mail column is not an address: status error, never undeliverable
+    assert by["Short"]["error"] and (by["Short"]["status"], by["Short"]["reason"]) == ("error", "no_email_column")
     assert by["Grey"]["status"] == "deliverable"
     assert {"status", "reason", "flags", "mx", "smtp_code", "smtp_enhanced", "smtp_text", "checked_at"} <= set(rows[0])
-    assert "deliverable" in r.stderr and "total=7" in r.stderr
+    assert "deliverable" in r.stderr and "total=7" in r.stderr and "error=1" in r.stderr
 
 
 def test_verify_list_without_header_and_jsonl_output(sandbox_proc: dict[str, str], tmp_path: Path) -> None:

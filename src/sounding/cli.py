@@ -20,7 +20,7 @@ from .errors import SoundingError
 from .listio import ListReader, ResultWriter, Row, open_text
 from .settings import Settings, default_state_dir, load_settings
 from .smtp.client import Timeouts
-from .verdict import Verdict
+from .verdict import Status, Verdict
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sounding: verify e-mail addresses over SMTP without sending a message.")
@@ -97,10 +97,14 @@ def verify(
 
 async def run_list(reader: ListReader, writer: ResultWriter, verifier: Verifier, *,
                    progress: Progress | None = None, reorder_limit: int = 40_000) -> Counter[tuple[str, str]]:
-    """Verify every row of ``reader`` and write it in input order; return (status, reason) counts."""
+    """Verify every row of ``reader`` and write it in input order; return (status, reason) counts.
+
+    Rows without an address (empty cell, no e-mail column, unreadable) are written with their
+    ``error`` verdict and never reach the verifier."""
     rows: dict[int, Row] = {}
     done: dict[int, Verdict | None] = {}
     counts: Counter[tuple[str, str]] = Counter()
+    row_of: dict[int, int] = {}  # the verifier's index -> the row's index
     next_write = 0
     read = 0
     room = asyncio.Event()
@@ -118,6 +122,7 @@ async def run_list(reader: ListReader, writer: ResultWriter, verifier: Verifier,
 
     async def feed() -> AsyncIterator[str]:
         nonlocal read
+        sent = 0
         for row in reader.rows():
             while read - next_write >= reorder_limit:
                 room.clear()
@@ -125,16 +130,20 @@ async def run_list(reader: ListReader, writer: ResultWriter, verifier: Verifier,
             i = read
             read += 1
             rows[i] = row
-            if row.error and not row.cells:  # unreadable: keep the row, do not verify
-                done[i] = None
-                counts[("error", "unreadable_row")] += 1
-                yield ""  # placeholder keeps indices aligned; its verdict is ignored
+            bad = row.input_verdict()
+            if bad is not None:  # not an address: kept, counted apart, never verified
+                done[i] = bad
+                counts[(bad.status.value, bad.reason.value)] += 1
+                flush()
                 continue
+            row_of[sent] = i
+            sent += 1
             yield row.address
 
     async for v in verifier.verify_many(feed()):
-        if v.index in rows and v.index not in done:
-            done[v.index] = v
+        i = row_of.pop(v.index, -1)
+        if i in rows and i not in done:
+            done[i] = v
             counts[(v.status.value, v.reason.value)] += 1
         if progress is not None and task_id is not None:
             progress.update(task_id, completed=sum(counts.values()))
@@ -163,8 +172,13 @@ def verify_list(
                       allow_private_mx=allow_private_mx, max_wait=max_wait,
                       concurrency=concurrency, state_dir=str(state_dir) if state_dir else None)
         fh = open_text(input_path)
-        reader = ListReader(fh, column=column)
     except SoundingError as exc:
+        _fail(exc)
+        return
+    try:
+        reader = ListReader(fh, column=column)
+    except SoundingError as exc:  # e.g. most rows unreadable: a delimiter or encoding problem
+        fh.close()
         _fail(exc)
         return
     try:
@@ -172,6 +186,8 @@ def verify_list(
     except SoundingError as exc:
         _fail(exc)
         return
+    for note in reader.notes:
+        err.print(f"note: {note}", highlight=False)
     counts = _run_to_file(reader, output, fmt, v)
     fh.close()
     _summary(counts, reader.problems)
@@ -188,16 +204,33 @@ def _run_to_file(reader: ListReader, output: Path, fmt: str, verifier: Verifier)
         return asyncio.run(run_list(reader, writer, verifier))
 
 
-def _summary(counts: Counter[tuple[str, str]], problems: int) -> None:
+def summary_line(counts: Counter[tuple[str, str]], problems: int = 0) -> str:
+    """``deliverable=N undeliverable=N risky=N unknown=N addresses=N error=N total=N``:
+    rows without an address (status ``error``) are counted apart from the addresses."""
     by_status: Counter[str] = Counter()
     for (st, _), n in counts.items():
         by_status[st] += n
+    main = [s.value for s in Status if s is not Status.ERROR]
+    parts = [f"{k}={by_status[k]}" for k in main]
+    parts += [f"{k}={v}" for k, v in sorted(by_status.items()) if k not in main and k != "error"]
+    addresses = sum(v for k, v in by_status.items() if k != "error")
+    errors = by_status["error"]
+    line = " ".join(parts) + f" addresses={addresses} error={errors}"
+    if errors:
+        why = ", ".join(f"{r}={n}" for (st, r), n in sorted(counts.items()) if st == "error")
+        line += f" ({why}: rows without an address, kept in the output)"
+    line += f" total={addresses + errors}"
+    if problems:
+        line += f" unreadable_or_malformed_rows={problems}"
+    return line
+
+
+def _summary(counts: Counter[tuple[str, str]], problems: int) -> None:
     t = Table("status", "reason", "count", title="summary")
-    for (st, reason), n in sorted(counts.items()):
+    for (st, reason), n in sorted(counts.items(), key=lambda x: (x[0][0] == "error", x[0])):
         t.add_row(st, reason, str(n))
     err.print(t)
-    err.print(" ".join(f"{k}={v}" for k, v in sorted(by_status.items())) +
-              f" total={sum(counts.values())}" + (f" unreadable_or_malformed_rows={problems}" if problems else ""))
+    err.print(summary_line(counts, problems), highlight=False)
 
 
 def _conduct(v: Verifier) -> None:

@@ -49,6 +49,7 @@ from .verdict import (
     from_dns,
     from_rcpt,
     unknown,
+    unparseable,
 )
 
 
@@ -379,8 +380,7 @@ class Verifier:
             try:
                 p = parse_address(raw)
             except AddressError as exc:
-                self._emit(Verdict(str(raw), Status.UNDELIVERABLE, Reason.SYNTAX,
-                                   evidence=Evidence(detail=str(exc)), index=i))
+                self._emit(unparseable(str(raw), str(exc), index=i))  # empty: error, else syntax
                 continue
             key = p.normalized.lower()
             job = inflight.get(key)

@@ -11,13 +11,15 @@ import csv
 import io
 import itertools
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import InputError
-from .verdict import Verdict
+from .address import parse_address
+from .errors import AddressError, InputError
+from .verdict import Reason, Verdict, input_error
 
 RESULT_COLUMNS = ["status", "reason", "flags", "mx", "smtp_code", "smtp_enhanced", "smtp_text",
                   "checked_at", "suggestion", "error"]
@@ -27,14 +29,43 @@ _NEUTRALISE = ("=", "+", "-", "@", "\t", "\r")
 _NUL_MARK = "\ue000"
 
 
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """Why a row holds no address to verify: its verdict is status ``error`` with
+    ``reason`` (one of :data:`~sounding.verdict.INPUT_PROBLEMS`)."""
+
+    reason: Reason
+    detail: str
+
+    def verdict(self, raw: str = "") -> Verdict:
+        """The row's ``error`` verdict (never ``undeliverable``: it is not an address)."""
+        return input_error(raw, self.reason, self.detail)
+
+
 @dataclass
 class Row:
-    """One input row: its cells, the address found in it, and any read problem."""
+    """One input row: its cells, the address found in it, and any read problem.
+
+    ``problem`` set: the row holds no address (empty cell, no e-mail column, unreadable);
+    it is written out with an ``error`` verdict and never verified. ``error`` is the note
+    written to the output's error column (a problem's detail, or a warning such as a row
+    longer than the header, whose address is still verified)."""
 
     line: int
     cells: list[str]
     address: str
     error: str = ""
+    problem: RowProblem | None = None
+
+    @classmethod
+    def failed(cls, line: int, cells: list[str], reason: Reason, detail: str,
+               address: str = "") -> Row:
+        """A row without an address to verify (reported, kept, status ``error``)."""
+        return cls(line, list(cells), address, detail, RowProblem(reason, detail))
+
+    def input_verdict(self) -> Verdict | None:
+        """The ``error`` verdict of a row without an address; None when there is one to verify."""
+        return None if self.problem is None else self.problem.verdict(self.address)
 
 
 def _clean_lines(fh: IO[str]) -> Iterator[str]:
@@ -52,8 +83,69 @@ def open_text(path: str | Path) -> IO[str]:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
+_DELIMITERS = ",;\t|"
+_SAMPLE = 50  # data rows looked at to find the column and to judge the file
+
+
+def _is_address(text: str) -> bool:
+    try:
+        parse_address(text)
+    except AddressError:
+        return False
+    return True
+
+
+def _row_trouble(cells: list[str] | None, header: list[str] | None, index: int) -> str:
+    """What is wrong with one sampled row as far as the *file* is concerned ("" = nothing):
+    ``unreadable`` (the parser gave up), ``encoding`` (bytes that did not decode, NULs of
+    UTF-16), ``delimiter`` (the e-mail cell holds several fields) or ``ragged`` (a cell
+    count unlike the header's; informative only)."""
+    if cells is None:
+        return "unreadable"
+    if any("\ufffd" in c or _NUL_MARK in c for c in cells):
+        return "encoding"
+    addr = cells[index].strip() if index < len(cells) else ""
+    if addr and "@" in addr and not _is_address(addr):
+        for d in _DELIMITERS + " ":
+            if d in addr and any(_is_address(p.strip()) for p in addr.split(d) if "@" in p):
+                return "delimiter"
+    if header is not None and len(cells) != len(header):
+        return "ragged"
+    return ""
+
+
+_FATAL = ("unreadable", "encoding", "delimiter")
+
+
+def _layout(first: list[str], rows: list[list[str]], column: str | None
+            ) -> tuple[list[str] | None, int]:
+    """(header or None, e-mail column index) from the first row and some data rows.
+
+    The column is the one headed ``email`` (or a close variant), else the one whose cells
+    most often hold an ``@``; the first row is a header when it names the column or holds
+    no ``@`` at all."""
+    if column is not None:
+        if column in first:
+            return first, first.index(column)
+        raise InputError(f"column {column!r} not found in the header {first}")
+    lowered = [c.strip().lower() for c in first]
+    named = next((i for i, c in enumerate(lowered) if c in _HEADER_NAMES), None)
+    header = first if named is not None or not any("@" in c for c in first) else None
+    if named is not None:
+        return header, named
+    data = rows if header is not None else [first, *rows]
+    width = max((len(r) for r in data), default=1)
+    scores = [sum(1 for r in data if i < len(r) and "@" in r[i]) for i in range(width)]
+    return header, (max(range(width), key=lambda i: scores[i]) if scores else 0)
+
+
 class ListReader:
-    """Streams rows of a CSV (any dialect csv.Sniffer recognises) or JSON-lines file."""
+    """Streams rows of a CSV (any dialect csv.Sniffer recognises) or JSON-lines file.
+
+    A file whose sampled rows mostly fail to read -- a wrong delimiter, bytes that are not
+    UTF-8, lines that are not JSON -- is an :class:`InputError` saying so, not a list of
+    verdicts: when the guessed delimiter is the trouble and another one reads the file
+    cleanly, that one is used (and said in :attr:`notes`)."""
 
     def __init__(self, fh: IO[str], *, fmt: str | None = None, column: str | None = None) -> None:
         self.fh = fh
@@ -68,50 +160,120 @@ class ListReader:
         self.column_index = 0
         self.column_name = column
         self.problems = 0
+        #: what the reader decided on its own (e.g. another delimiter than the guessed one)
+        self.notes: list[str] = []
         self._peek: list[tuple[int, list[str] | None, str]] = []
         if self.fmt == "csv":
             self._init_csv(head, column)
+        else:
+            self._judge_jsonl(head)
 
     def _lines(self) -> Iterator[str]:
         yield from io.StringIO(self._text)
         yield from self._rest
 
-    def _init_csv(self, head: str, column: str | None) -> None:
+    # ------------------------------------------------------------------ judging
+    def _trial(self, head: str, dialect: Any, delimiter: str | None, column: str | None
+               ) -> tuple[Counter[str], int, str]:
+        """Parse the head with one delimiter: (troubles by kind, rows judged, first error)."""
+        kw: dict[str, Any] = {"delimiter": delimiter} if delimiter else {}
+        reader = csv.reader(io.StringIO(head.replace("\x00", _NUL_MARK), newline=""), dialect, **kw)
+        rows: list[list[str] | None] = []
+        first_error = ""
+        while len(rows) <= _SAMPLE:
+            try:
+                rows.append(next(reader))
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                rows.append(None)
+                first_error = first_error or str(exc)
+        rows = [r for r in rows if r is None or any(c.strip() for c in r)]
+        troubles: Counter[str] = Counter()
+        if not rows:
+            return troubles, 0, ""
+        first = rows[0] or []
         try:
-            dialect: Any = csv.Sniffer().sniff(head[:8192], delimiters=",;\t|") if head else csv.excel
+            header, idx = _layout(first, [r for r in rows[1:] if r is not None], column)
+        except InputError:
+            header, idx = None, 0
+        data = rows[1:] if header is not None else rows
+        for r in data:
+            t = _row_trouble(r, header, idx)
+            if t:
+                troubles[t] += 1
+        return troubles, len(data), first_error
+
+    def _choose_dialect(self, head: str, column: str | None) -> tuple[Any, dict[str, Any]]:
+        """The sniffed dialect, and a delimiter override when the sniffed one reads badly."""
+        try:
+            dialect: Any = csv.Sniffer().sniff(head[:8192], delimiters=_DELIMITERS) if head else csv.excel
         except csv.Error:
             dialect = csv.excel
-        self._reader = csv.reader(_clean_lines(self._lines()), dialect)  # type: ignore[arg-type]
+        if not head:
+            return dialect, {}
+        troubles, n, first_error = self._trial(head, dialect, None, column)
+        fatal = sum(troubles[k] for k in _FATAL)
+        if fatal * 2 <= n:
+            return dialect, {}
+        best = (fatal, troubles["ragged"], dialect.delimiter)
+        for d in _DELIMITERS:
+            if d == dialect.delimiter:
+                continue
+            t, m, _ = self._trial(head, dialect, d, column)
+            f = sum(t[k] for k in _FATAL)
+            if m and f * 2 <= m and (f, t["ragged"]) < best[:2]:
+                best = (f, t["ragged"], d)
+        if best[2] != dialect.delimiter:
+            self.notes.append(f"read with the delimiter {best[2]!r}: the guessed "
+                              f"{dialect.delimiter!r} left most rows unreadable")
+            return dialect, {"delimiter": best[2]}
+        cause = max(_FATAL, key=lambda k: troubles[k])
+        raise InputError(_diagnosis(cause, troubles[cause], n, dialect.delimiter, first_error))
+
+    def _judge_jsonl(self, head: str) -> None:
+        n = bad = undecodable = 0
+        first_error = ""
+        for line in io.StringIO(head):
+            if not line.strip():
+                continue
+            n += 1
+            if "\ufffd" in line or "\x00" in line:
+                undecodable += 1
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                bad += 1
+                first_error = first_error or str(exc)
+            if n >= _SAMPLE:
+                break
+        if (bad + undecodable) * 2 > n:
+            if undecodable >= bad:
+                raise InputError(_diagnosis("encoding", undecodable, n, "", ""))
+            raise InputError(f"the file does not read as JSON lines: {bad} of the first {n} lines "
+                             f"are not JSON objects (first problem: {first_error}); "
+                             "is it a CSV file, or one JSON document?")
+
+    # ------------------------------------------------------------------ CSV
+    def _init_csv(self, head: str, column: str | None) -> None:
+        dialect, override = self._choose_dialect(head, column)
+        self._reader = csv.reader(_clean_lines(self._lines()), dialect, **override)  # type: ignore[arg-type]
         self._it = self._safe_rows()
         sample: list[tuple[int, list[str] | None, str]] = []
         for item in self._it:
             sample.append(item)
-            if len(sample) >= 51:
+            if len(sample) > _SAMPLE:
                 break
         self._peek = sample
         if not sample:
             return
         first = sample[0][1] or []
-        lowered = [c.strip().lower() for c in first]
-        has_at = any("@" in c for c in first)
-        if column is not None:
-            if column in first:
-                self.header = first
-                self.column_index = first.index(column)
-                self._peek = sample[1:]
-                return
-            raise InputError(f"column {column!r} not found in the header {first}")
-        named = next((i for i, c in enumerate(lowered) if c in _HEADER_NAMES), None)
-        if named is not None or not has_at:
-            self.header = first
+        header, self.column_index = _layout(first, [r for _, r, _ in sample[1:] if r], column)
+        if header is not None:
+            self.header = header
             self._peek = sample[1:]
-        if named is not None:
-            self.column_index = named
-        else:
-            rows = [r for _, r, _ in self._peek if r]
-            width = max((len(r) for r in rows), default=1)
-            scores = [sum(1 for r in rows if i < len(r) and "@" in r[i]) for i in range(width)]
-            self.column_index = max(range(width), key=lambda i: scores[i]) if scores else 0
         self.column_name = self.header[self.column_index] if self.header and \
             self.column_index < len(self.header) else "email"
 
@@ -136,32 +298,46 @@ class ListReader:
         for line, cells, err in itertools.chain(self._peek, self._it):  # streamed, never a list
             if cells is None:
                 self.problems += 1
-                yield Row(line, [], "", err)
+                yield Row.failed(line, [], Reason.UNREADABLE_ROW, err)
                 continue
             if not any(c.strip() for c in cells):
                 continue
-            addr = cells[self.column_index].strip() if self.column_index < len(cells) else ""
-            error = ""
             if self.column_index >= len(cells):
-                error = f"row has {len(cells)} cells; no e-mail column"
                 self.problems += 1
-            elif self.header and len(cells) != len(self.header):
+                yield Row.failed(line, cells, Reason.NO_EMAIL_COLUMN,
+                                 f"row has {len(cells)} cells; no e-mail column")
+                continue
+            raw = cells[self.column_index]
+            addr = raw.strip()
+            if "\ufffd" in raw:
+                self.problems += 1
+                yield Row.failed(line, cells, Reason.UNREADABLE_ROW,
+                                 "the e-mail cell holds bytes that are not UTF-8", addr)
+                continue
+            if not addr:
+                self.problems += 1
+                yield Row.failed(line, cells, Reason.EMPTY_ADDRESS, "the e-mail cell is empty")
+                continue
+            error = ""
+            if self.header and len(cells) != len(self.header):
                 error = f"row has {len(cells)} cells, header has {len(self.header)}"
                 self.problems += 1
             yield Row(line, cells, addr, error)
 
+    # ------------------------------------------------------------------ JSON lines
     def _jsonl_rows(self) -> Iterator[Row]:
         key = self.column_name
         for n, line in enumerate(self._lines(), 1):
             if not line.strip():
                 continue
+            text = line.rstrip("\r\n")
             try:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
                 self.problems += 1
-                yield Row(n, [line.rstrip("\n")], "", f"unreadable JSON line: {exc}")
+                yield Row.failed(n, [text], Reason.UNREADABLE_ROW, f"unreadable JSON line: {exc}")
                 continue
             if key is None:
                 key = next((k for k in obj if str(k).lower() in _HEADER_NAMES), None) or next(
@@ -169,9 +345,41 @@ class ListReader:
                 self.column_name = key
             if self.header is None:
                 self.header = [str(k) for k in obj]
-            addr = obj.get(key)
-            yield Row(n, [json.dumps(obj, ensure_ascii=False)], str(addr) if addr is not None else "",
-                      "" if isinstance(addr, str) else f"no {key!r} field")
+            cells = [json.dumps(obj, ensure_ascii=False)]
+            if key not in obj:
+                self.problems += 1
+                yield Row.failed(n, cells, Reason.NO_EMAIL_COLUMN, f"no {key!r} field")
+                continue
+            addr = obj[key]
+            if addr is not None and not isinstance(addr, str):
+                self.problems += 1
+                yield Row.failed(n, cells, Reason.NOT_TEXT,
+                                 f"the {key!r} field is a JSON {type(addr).__name__}, not text")
+                continue
+            if addr is None or not addr.strip():
+                self.problems += 1
+                yield Row.failed(n, cells, Reason.EMPTY_ADDRESS, f"the {key!r} field is empty")
+                continue
+            if "\ufffd" in addr:
+                self.problems += 1
+                yield Row.failed(n, cells, Reason.UNREADABLE_ROW,
+                                 f"the {key!r} field holds bytes that are not UTF-8", addr.strip())
+                continue
+            yield Row(n, cells, addr.strip())
+
+
+def _diagnosis(cause: str, bad: int, n: int, delimiter: str, first_error: str) -> str:
+    """The message for a file whose rows mostly fail to read."""
+    if cause == "encoding":
+        return (f"the file is not UTF-8 text: {bad} of the first {n} rows hold bytes that do not "
+                "decode (UTF-16, or Latin-1/Windows-1252 from a spreadsheet?); save it as UTF-8 "
+                "(CSV UTF-8) and upload it again")
+    if cause == "delimiter":
+        return (f"most rows could not be split into columns: in {bad} of the first {n} rows the "
+                f"e-mail cell holds several fields (the guessed delimiter was {delimiter!r} and no "
+                "other of , ; tab | reads the file cleanly); check the file's delimiter and quoting")
+    return (f"most rows could not be read as CSV: {bad} of the first {n} rows are unreadable"
+            + (f" ({first_error})" if first_error else ""))
 
 
 def neutralise(cell: str) -> str:

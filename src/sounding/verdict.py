@@ -6,6 +6,9 @@
 * risky: catch-all or accept-all server, mailbox full, disposable domain.
 * unknown: everything else -- DNS failure, timeout, block, policy, greylisting past the wait,
   exempt -- with ``retry_after`` when a retry can help.
+* error: not an address at all -- an empty cell, a row without the e-mail column, a row that
+  could not be read. Kept, reported, counted apart; never ``undeliverable`` (a list cleaner
+  who deletes "undeliverable" rows must not lose these contacts).
 
 A block, a policy rejection or a timeout never becomes ``undeliverable``.
 """
@@ -24,12 +27,13 @@ from .smtp.reply import Reply
 
 
 class Status(StrEnum):
-    """The four answers."""
+    """The four answers about an address, and ``error`` for input that is not one."""
 
     DELIVERABLE = "deliverable"
     UNDELIVERABLE = "undeliverable"
     RISKY = "risky"
     UNKNOWN = "unknown"
+    ERROR = "error"
 
 
 class Reason(StrEnum):
@@ -66,6 +70,16 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"
     CONNECTION_LOST = "connection_lost"
     PAUSED = "receiver_paused"
+    # input problems (status ``error``): the row holds no address to ask about
+    EMPTY_ADDRESS = "empty_address"
+    NO_EMAIL_COLUMN = "no_email_column"
+    UNREADABLE_ROW = "unreadable_row"
+    NOT_TEXT = "not_text"
+
+
+#: The reasons of status ``error``: problems of the input, not answers about an address.
+INPUT_PROBLEMS = frozenset({Reason.EMPTY_ADDRESS, Reason.NO_EMAIL_COLUMN, Reason.UNREADABLE_ROW,
+                            Reason.NOT_TEXT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,9 @@ class Evidence:
     blocklist: str | None = None
     delist_url: str | None = None
     detail: str | None = None
+    #: which of the session's controls decided how far the reply is believed, e.g.
+    #: "postmaster accepted, random refused 5.1.1 -> credible" (see :mod:`sounding.absorb`)
+    decided_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +171,22 @@ def unknown(address: str, reason: Reason, *, flags: frozenset[str] = frozenset()
     """An ``unknown`` verdict with the right retry_after."""
     return Verdict(address, Status.UNKNOWN, reason, flags, evidence,
                    retry_after_for(reason, hint), **kw)
+
+
+def input_error(raw: str, reason: Reason, detail: str = "", **kw: Any) -> Verdict:
+    """An ``error`` verdict: the input holds no address to ask about (an empty cell, a row
+    without the e-mail column, an unreadable row). Never ``undeliverable``."""
+    if reason not in INPUT_PROBLEMS:
+        raise ValueError(f"{reason} is not an input problem")
+    return Verdict(raw, Status.ERROR, reason, evidence=Evidence(detail=detail or None), **kw)
+
+
+def unparseable(raw: str, detail: str, **kw: Any) -> Verdict:
+    """The verdict for text the address parser refused: nothing at all (an empty or blank
+    cell) is an input problem, anything else is a syntax-invalid address."""
+    if not raw.strip():
+        return input_error(raw, Reason.EMPTY_ADDRESS, "no address: the e-mail cell is empty", **kw)
+    return Verdict(raw, Status.UNDELIVERABLE, Reason.SYNTAX, evidence=Evidence(detail=detail), **kw)
 
 
 def from_dns(address: str, mx: MxResult, flags: frozenset[str], **kw: Any) -> Verdict | None:

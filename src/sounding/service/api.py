@@ -56,7 +56,7 @@ class VerifyRequest(BaseModel):
 class VerdictOut(BaseModel):
     address: str
     normalized: str | None = None
-    status: Literal["deliverable", "undeliverable", "risky", "unknown"]
+    status: Literal["deliverable", "undeliverable", "risky", "unknown", "error"]
     reason: str
     flags: list[str]
     suggestion: str | None = None
@@ -75,6 +75,9 @@ class JobOut(BaseModel):
     done: int
     percent: float
     by_status: dict[str, int]
+    #: rows without an address (status ``error``: empty cell, no e-mail column, unreadable
+    #: row), counted apart from the addresses; also in ``by_status["error"]``
+    input_errors: int = 0
     eta_seconds: float | None = None
     created_at: str | None = None
     started_at: str | None = None

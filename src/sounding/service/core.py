@@ -30,7 +30,7 @@ from ..settings import Settings
 from ..smtp.client import SessionResult
 from ..store import Store
 from ..store.models import Client, ExemptionRow, Job
-from ..verdict import Evidence, Reason, Status, Verdict
+from ..verdict import Evidence, Reason, Status, Verdict, unparseable
 from .dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,15 @@ def parse_upload(data: bytes, *, column: str | None = None, fmt: str | None = No
         verdict: dict[str, Any] | None = None
         key = ""
         addr = row.address
-        if row.error and not addr:
+        bad = row.input_verdict()
+        if bad is not None:  # not an address (empty, no column, unreadable): status error
             problems += 1
-            verdict = Verdict(addr, Status.UNDELIVERABLE, Reason.SYNTAX,
-                              evidence=Evidence(detail=row.error)).to_dict()
+            verdict = bad.to_dict()
         else:
             try:
                 key = parse_address(addr).normalized.lower()
             except AddressError as exc:
-                verdict = Verdict(addr, Status.UNDELIVERABLE, Reason.SYNTAX,
-                                  evidence=Evidence(detail=str(exc))).to_dict()
+                verdict = unparseable(addr, str(exc)).to_dict()
         rows.append((row.line, list(row.cells), addr, key, row.error, verdict))
     if not rows:
         raise InputError("the upload holds no rows")
@@ -232,7 +231,7 @@ class Service:
         try:
             key = parse_address(address).normalized.lower()
         except AddressError as exc:
-            return Verdict(address, Status.UNDELIVERABLE, Reason.SYNTAX, evidence=Evidence(detail=str(exc))), False
+            return unparseable(address, str(exc)), False
         if use_cache:
             hit = (await self.store.cached([key])).get(key)
             if hit is not None:

@@ -36,8 +36,10 @@ router = APIRouter(include_in_schema=False)
 
 SESSION_COOKIE = "sounding_session"
 CSRF_COOKIE = "sounding_csrf"
-STATUSES = ("deliverable", "undeliverable", "risky", "unknown")
-COLOURS = {"deliverable": "#1b7f3b", "undeliverable": "#b3261e", "risky": "#a86400", "unknown": "#5f6368"}
+STATUSES = ("deliverable", "undeliverable", "risky", "unknown", "error")
+#: ``error``: rows without an address (empty cell, no e-mail column, unreadable), counted apart
+COLOURS = {"deliverable": "#1b7f3b", "undeliverable": "#b3261e", "risky": "#a86400", "unknown": "#5f6368",
+           "error": "#6a1b9a"}
 
 
 def _svc(request: Request) -> Service:

@@ -92,7 +92,8 @@ class Progress:
         return {"id": j.id, "state": j.state, "filename": j.filename, "total": j.total,
                 "unique_addresses": j.unique_addresses, "done": self.done,
                 "percent": round(100.0 * self.done / j.total, 1) if j.total else 100.0,
-                "by_status": self.by_status, "eta_seconds": self.eta_seconds,
+                "by_status": self.by_status, "input_errors": self.by_status.get("error", 0),
+                "eta_seconds": self.eta_seconds,
                 "created_at": _iso(j.created_at), "started_at": _iso(j.started_at),
                 "finished_at": _iso(j.finished_at), "error": j.error}
 
