@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sounding.verdict import Status
+
 from .conftest import serve_site
 
 pytestmark = pytest.mark.slow
@@ -88,9 +90,9 @@ def test_client_uploads_watches_progress_sees_chart_and_downloads(browser: Any, 
         assert page.locator("#state").inner_text() == "done"
         # the chart: one bar per status, deliverable the largest
         bars = page.locator("#chart rect")
-        assert bars.count() == 4
+        assert bars.count() == len(Status)
         widths = {bars.nth(i).get_attribute("data-status"): float(bars.nth(i).get_attribute("width") or 0)
-                  for i in range(4)}
+                  for i in range(len(Status))}
         assert widths["deliverable"] > widths["undeliverable"] > 0 and widths["risky"] > 0
         assert "deliverable 18 " in (page.locator("#chart title").text_content() or "")
         # the results table and its filter
@@ -98,7 +100,8 @@ def test_client_uploads_watches_progress_sees_chart_and_downloads(browser: Any, 
         page.get_by_role("button", name="Filter").click()
         shown = page.locator("#results tbody tr")
         assert shown.count() == 3 and "undeliverable" in shown.first.inner_text()
-        # the CSV download
+        # the CSV download of every row (the filtered page downloads only its rows)
+        page.get_by_role("link", name="Show all").click()
         with page.expect_download() as dl:
             page.locator("#download").click()
         with open(dl.value.path(), encoding="utf-8") as fh:

@@ -407,21 +407,28 @@ class ResultWriter:
         self.header = header
         if fmt == "csv":
             self._w = csv.writer(fh)
-            cols = list(header) if header and not jsonl_input else (
-                ["input"] if jsonl_input else ["email"])
-            self._w.writerow([*cols, *RESULT_COLUMNS])
+            self._w.writerow(self.columns())
+
+    def columns(self) -> list[str]:
+        """The header of the tabular formats (CSV, XLSX): the input's columns, then ours."""
+        cols = list(self.header) if self.header and not self.jsonl_input else (
+            ["input"] if self.jsonl_input else ["email"])
+        return [*cols, *RESULT_COLUMNS]
+
+    def cells(self, row: Row, v: Verdict | None) -> list[str]:
+        """One tabular output row (not yet defused): the input cells, then the verdict's."""
+        cells = list(row.cells) if row.cells else [row.address]
+        width = len(self.header) if self.header and not self.jsonl_input else 1
+        if len(cells) < width:  # short row: pad so the verdict columns line up
+            cells += [""] * (width - len(cells))
+        elif len(cells) > width:  # long row: fold the extra cells into the last column
+            cells = cells[: width - 1] + [",".join(cells[width - 1:])]
+        return [c.replace("\x00", "\u2400") for c in cells] + result_cells(v, row.error)
 
     def write(self, row: Row, v: Verdict | None) -> None:
         """One output row."""
         if self.fmt == "csv":
-            cells = list(row.cells) if row.cells else [row.address]
-            width = len(self.header) if self.header and not self.jsonl_input else 1
-            if len(cells) < width:  # short row: pad so the verdict columns line up
-                cells += [""] * (width - len(cells))
-            elif len(cells) > width:  # long row: fold the extra cells into the last column
-                cells = cells[: width - 1] + [",".join(cells[width - 1:])]
-            self._w.writerow([neutralise(c.replace("\x00", "\u2400")) for c in cells] +
-                             [neutralise(c) for c in result_cells(v, row.error)])
+            self._w.writerow([neutralise(c) for c in self.cells(row, v)])
             return
         if self.jsonl_input and row.cells:
             try:
@@ -437,3 +444,36 @@ class ResultWriter:
         if row.error:
             base["error"] = row.error
         self.fh.write(json.dumps(base, ensure_ascii=False) + "\n")
+
+
+class XlsxResultWriter:
+    """Writes rows with their verdicts as an Excel workbook (openpyxl, write-only mode: rows
+    are streamed into the sheet, memory stays flat).  Same columns as the CSV; every cell is
+    a string cell, so text that looks like a formula stays text (no CSV-style quote needed)."""
+
+    def __init__(self, header: list[str] | None, *, jsonl_input: bool = False, title: str = "results") -> None:
+        from openpyxl import Workbook
+
+        self._table = ResultWriter(io.StringIO(), "table", header, jsonl_input=jsonl_input)
+        self.wb = Workbook(write_only=True)
+        self.ws = self.wb.create_sheet(title[:31] or "results")
+        self._append(self._table.columns())
+
+    def _append(self, values: list[str]) -> None:
+        from openpyxl.cell import WriteOnlyCell
+        from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+        out = []
+        for value in values:
+            c = WriteOnlyCell(self.ws, value=ILLEGAL_CHARACTERS_RE.sub("\ufffd", value)[:32767])
+            c.data_type = "s"  # never a formula, whatever the text starts with
+            out.append(c)
+        self.ws.append(out)
+
+    def write(self, row: Row, v: Verdict | None) -> None:
+        """One output row."""
+        self._append(self._table.cells(row, v))
+
+    def save(self, fh: IO[bytes] | str | Path) -> None:
+        """Write the workbook (call once, at the end)."""
+        self.wb.save(fh)

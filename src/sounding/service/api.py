@@ -6,8 +6,10 @@ an API key in ``X-API-Key`` (or ``Authorization: Bearer``); each sees only its o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -20,11 +22,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..courtesy.exemptions import Kind
 from ..errors import InputError, SoundingError
-from ..listio import ResultWriter, Row
+from ..listio import ResultWriter, Row, XlsxResultWriter
 from ..settings import Settings
 from ..store import QuotaExceeded, Store
 from ..store.models import Client, Job
-from ..verdict import Evidence, Verdict
+from ..verdict import Evidence, Reason, Status, Verdict
 from .core import Service
 
 PROBLEM = "application/problem+json"
@@ -222,18 +224,64 @@ async def read_limited(upload: UploadFile, limit: int) -> bytes:
     return buf.getvalue()
 
 
-async def export(store: Store, job: Job, fmt: str) -> AsyncIterator[str]:
-    """Results in input order; CSV cells that a spreadsheet would run as formulas are defused."""
+EXPORT_MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson",
+                "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
+
+
+async def export(store: Store, job: Job, fmt: str, *, status: str = "", reason: str = "",
+                 contains: str = "") -> AsyncIterator[bytes]:
+    """Results in input order (only the rows matching ``status``/``reason``/``contains``, if
+    given) as CSV, JSON lines or XLSX; cells a spreadsheet would run as formulas are defused."""
+    rows = store.rows(job.id, status=status, reason=reason, contains=contains)
+    if fmt == "xlsx":
+        async for chunk in _export_xlsx(job, rows):
+            yield chunk
+        return
     out = io.StringIO()
     w = ResultWriter(out, fmt, job.header, jsonl_input=job.fmt == "jsonl")
-    async for r in store.rows(job.id):
+    async for r in rows:
         v = Verdict.from_dict(r.result) if r.result else None
         w.write(Row(r.line, list(r.cells), r.address, r.read_error), v)
         if out.tell() > 1 << 16:
-            yield out.getvalue()
+            yield out.getvalue().encode("utf-8")
             out.seek(0)
             out.truncate()
-    yield out.getvalue()
+    yield out.getvalue().encode("utf-8")
+
+
+async def _export_xlsx(job: Job, rows: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    # A workbook is a zip whose directory comes last: it cannot be streamed as it is built.
+    # openpyxl's write-only sheet spools rows to disk; the CPU work runs in a thread, in
+    # batches, so the event loop keeps serving while a large list is written.
+    w = XlsxResultWriter(job.header, jsonl_input=job.fmt == "jsonl")
+    batch: list[tuple[Row, Verdict | None]] = []
+
+    def flush(items: list[tuple[Row, Verdict | None]]) -> None:
+        for row, v in items:
+            w.write(row, v)
+
+    async for r in rows:
+        batch.append((Row(r.line, list(r.cells), r.address, r.read_error),
+                      Verdict.from_dict(r.result) if r.result else None))
+        if len(batch) >= 1000:
+            await asyncio.to_thread(flush, batch)
+            batch = []
+    await asyncio.to_thread(flush, batch)
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20) as buf:
+        await asyncio.to_thread(w.save, buf)
+        buf.seek(0)
+        while chunk := await asyncio.to_thread(buf.read, 1 << 16):
+            yield chunk
+
+
+def export_response(store: Store, job: Job, fmt: str, *, status: str = "", reason: str = "",
+                    contains: str = "") -> StreamingResponse:
+    """The download of a job's (filtered) results, named after the job and the filter."""
+    parts = [f"sounding-{job.id}", *(x for x in (status, reason) if x)]
+    name = "-".join(parts) + f".{fmt}"
+    return StreamingResponse(export(store, job, fmt, status=status, reason=reason, contains=contains),
+                             media_type=EXPORT_MEDIA[fmt],
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 def _api_router() -> Any:
@@ -280,15 +328,20 @@ def _api_router() -> Any:
         return (await svc(request).store.progress(job)).to_dict()
 
     @r.get("/jobs/{job_id}/results", responses={**_problems(401, 422, 404),
-                                                200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
-           summary="Results in input order, every input column kept", response_class=Response)
+                                                200: {"content": {m.split(";")[0]: {} for m in EXPORT_MEDIA.values()}}},
+           summary="Results in input order, every input column kept (optionally only some rows)",
+           response_class=Response)
     async def results(job_id: str, request: Request, c: ClientDep,
-                      format: Annotated[Literal["csv", "jsonl"], Query()] = "csv") -> Response:
+                      format: Annotated[Literal["csv", "jsonl", "xlsx"], Query(
+                          description="csv, JSON lines, or an Excel workbook")] = "csv",
+                      status: Annotated[Status | None, Query(description="only rows with this status")] = None,
+                      reason: Annotated[Reason | None, Query(description="only rows with this reason")] = None,
+                      q: Annotated[str, Query(max_length=200, description="only addresses containing this "
+                                                                           "text (case-insensitive)")] = "",
+                      ) -> Response:
         job = await _job_of(request, job_id, c)
-        media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
-        name = f"sounding-{job.id}.{format}"
-        return StreamingResponse(export(svc(request).store, job, format), media_type=media,
-                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return export_response(svc(request).store, job, format, status=status.value if status else "",
+                               reason=reason.value if reason else "", contains=q.strip().lower())
 
     @r.delete("/jobs/{job_id}", status_code=204, responses=_problems(401, 422, 404),
               summary="Cancel a running job; delete a finished one", response_class=Response)

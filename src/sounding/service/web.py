@@ -13,33 +13,34 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from ..courtesy.exemptions import parse_entry
 from ..errors import InputError, SoundingError
+from ..glossary import legend, reason_meaning, statuses
 from ..settings import default_state_dir
 from ..store import QuotaExceeded
-from ..store.models import Client, Job
-from .api import export, read_limited
+from ..store.models import Client, Job, JobRow
+from ..verdict import Reason
+from .api import EXPORT_MEDIA, export_response, read_limited
 from .core import Service
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.globals["reason_meaning"] = reason_meaning
 router = APIRouter(include_in_schema=False)
 
 SESSION_COOKIE = "sounding_session"
 CSRF_COOKIE = "sounding_csrf"
-STATUSES = ("deliverable", "undeliverable", "risky", "unknown", "error")
-#: ``error``: rows without an address (empty cell, no e-mail column, unreadable), counted apart
-COLOURS = {"deliverable": "#1b7f3b", "undeliverable": "#b3261e", "risky": "#a86400", "unknown": "#5f6368",
-           "error": "#6a1b9a"}
 
 
 def _svc(request: Request) -> Service:
@@ -227,7 +228,8 @@ async def app_home(request: Request) -> Response:
     c = await _client(request)
     if c is None:
         return render(request, "login.html", {"error": "", "next": "/app"})
-    return await _home(request, c)
+    deleted = request.query_params.get("deleted", "")[:100]
+    return await _home(request, c, notice=f"Deleted {deleted}." if deleted else "")
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -274,11 +276,17 @@ async def app_upload(request: Request, file: Annotated[UploadFile, File()],
     return RedirectResponse(f"/app/jobs/{job.id}", status_code=303)
 
 
-async def _home(request: Request, c: Client, error: str = "", status: int = 200) -> HTMLResponse:
-    """The dashboard: the upload form and recent jobs (with an error above them, if any)."""
+async def _home(request: Request, c: Client, error: str = "", status: int = 200, notice: str = "") -> HTMLResponse:
+    """The dashboard: the upload form and the client's jobs (with an error above them, if any)."""
     svc = _svc(request)
-    jobs = [(await svc.store.progress(j)).to_dict() for j in await svc.store.jobs(c.id, limit=20)]
-    return render(request, "app_home.html", {"client": c, "jobs": jobs, "error": error}, status)
+    jobs = []
+    for j in await svc.store.jobs(c.id, limit=100):
+        d = (await svc.store.progress(j)).to_dict()
+        d["created"] = _utc(j.created_at)[:16] + " UTC"
+        d["eta_text"] = human_seconds(d["eta_seconds"])
+        d["active"] = d["state"] in ("queued", "running")
+        jobs.append(d)
+    return render(request, "app_home.html", {"client": c, "jobs": jobs, "error": error, "notice": notice}, status)
 
 
 async def _own_job(request: Request, job_id: str) -> tuple[Client | None, Job | None]:
@@ -288,8 +296,69 @@ async def _own_job(request: Request, job_id: str) -> tuple[Client | None, Job | 
     return c, await _svc(request).store.job(job_id, client_id=c.id)
 
 
+def human_seconds(t: float | None) -> str:
+    """A duration as people say it: '45 s', '12 min', '3 h 5 min', '2 d 4 h'."""
+    if t is None:
+        return ""
+    t = max(0.0, float(t))
+    if t < 90:
+        return f"{max(1, round(t))} s"
+    if t < 90 * 60:
+        return f"{round(t / 60)} min"
+    if t < 48 * 3600:
+        h, m = divmod(round(t / 60), 60)
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(round(t / 3600), 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def _retry_at(checked_at: str, retry_after: float | None) -> str:
+    if retry_after is None:
+        return ""
+    try:
+        base = dt.datetime.fromisoformat(checked_at)
+    except (TypeError, ValueError):
+        return f"after {human_seconds(retry_after)}"
+    at = (base + dt.timedelta(seconds=retry_after)).astimezone(dt.UTC)
+    return f"after {human_seconds(retry_after)} ({at.strftime('%Y-%m-%d %H:%M UTC')})"
+
+
+def _row_view(r: JobRow) -> dict[str, Any]:
+    """One result row with its evidence, ready for the template."""
+    res = r.result or {}
+    ev = res.get("evidence") or {}
+    code = ev.get("code")
+    reply = " ".join(str(x) for x in (code, ev.get("enhanced")) if x)
+    evidence = [(label, str(ev[key])) for key, label in _EVIDENCE if ev.get(key) not in (None, "")]
+    if res.get("retry_after") is not None:
+        evidence.append(("Retry", _retry_at(res.get("checked_at") or "", res["retry_after"])))
+    if res.get("suggestion"):
+        evidence.append(("Did you mean", res["suggestion"]))
+    if r.read_error:
+        evidence.append(("Input problem", r.read_error))
+    if res.get("checked_at"):
+        evidence.append(("Checked", res["checked_at"].replace("T", " ").replace("+00:00", " UTC")))
+    return {"line": r.line, "address": r.address, "status": res.get("status") or ("" if r.done_at else "pending"),
+            "reason": res.get("reason", ""), "flags": ", ".join(res.get("flags") or []), "reply": reply,
+            "evidence": evidence, "transcript": ev.get("transcript_id") or "", "delist": ev.get("delist_url") or ""}
+
+
+_EVIDENCE = (("mx_host", "Mail server"), ("mx_ip", "Server IP"), ("source_ip", "Our source IP"),
+             ("code", "Reply code"), ("enhanced", "Enhanced code"), ("text", "Reply text"),
+             ("detail", "Detail"), ("decided_by", "Decided by"), ("blocklist", "Blocklist"),
+             ("transcript_id", "Transcript id"))
+FORMATS = (("csv", "CSV"), ("jsonl", "JSON lines"), ("xlsx", "Excel (.xlsx)"))
+
+
+def _filters(status: str, reason: str, q: str) -> tuple[str, str, str]:
+    """The job page's filters, each reduced to a known value or ''."""
+    status = status if status in (*statuses(), "pending") else ""
+    reason = reason if reason in {r.value for r in Reason} else ""
+    return status, reason, q.strip().lower()[:200]
+
+
 @router.get("/app/jobs/{job_id}", response_class=HTMLResponse)
-async def app_job(request: Request, job_id: str, status: str = "", q: str = "") -> Response:
+async def app_job(request: Request, job_id: str, status: str = "", reason: str = "", q: str = "") -> Response:
     c, job = await _own_job(request, job_id)
     if c is None:
         return RedirectResponse("/app", status_code=303)
@@ -297,21 +366,19 @@ async def app_job(request: Request, job_id: str, status: str = "", q: str = "") 
         return error_page(request, 404, "No such job.")
     st = _svc(request).store
     prog = (await st.progress(job)).to_dict()
-    rows: list[dict[str, Any]] = []
-    shown = 0
-    status = status if status in STATUSES else ""
-    q = q.strip().lower()[:200]
-    if prog["state"] not in ("queued", "running"):
-        found, shown = await st.find_rows(job.id, status=status, contains=q, limit=500)
-        for r in found:
-            res = r.result or {}
-            rows.append({"line": r.line, "address": r.address, "status": res.get("status", ""),
-                         "reason": res.get("reason", ""), "flags": ", ".join(res.get("flags") or []),
-                         "mx": (res.get("evidence") or {}).get("mx_host", ""),
-                         "code": (res.get("evidence") or {}).get("code", "")})
-    return render(request, "app_job.html", {"client": c, "job": prog, "rows": rows, "shown": shown,
-                                            "status": status, "q": q, "chart": chart(prog["by_status"]),
-                                            "statuses": STATUSES})
+    status, reason, q = _filters(status, reason, q)
+    found, shown = await st.find_rows(job.id, status=status, reason=reason, contains=q, limit=500)
+    rows = [_row_view(r) for r in found]
+    query = urlencode({k: v for k, v in (("status", status), ("reason", reason), ("q", q)) if v})
+    exports = [{"fmt": f, "label": label, "url": f"/app/jobs/{job.id}/results.{f}" + (f"?{query}" if query else "")}
+               for f, label in FORMATS]
+    status_legend, reason_legend = legend()
+    return render(request, "app_job.html", {
+        "client": c, "job": prog, "rows": rows, "shown": shown, "status": status, "reason": reason, "q": q,
+        "filtered": bool(query), "chart": chart(prog["by_status"]), "statuses": statuses(),
+        "reasons": [r.value for r in Reason], "exports": exports, "eta": human_seconds(prog["eta_seconds"]),
+        "status_legend": status_legend, "reason_legend": reason_legend,
+        "active": prog["state"] in ("queued", "running")})
 
 
 @router.get("/app/jobs/{job_id}/progress.json")
@@ -319,16 +386,56 @@ async def app_progress(request: Request, job_id: str) -> Response:
     _c, job = await _own_job(request, job_id)
     if job is None:
         return JSONResponse({"detail": "no such job"}, status_code=404)
-    return JSONResponse((await _svc(request).store.progress(job)).to_dict())
+    d = (await _svc(request).store.progress(job)).to_dict()
+    d["eta_text"] = human_seconds(d["eta_seconds"])
+    d["chart"] = chart(d["by_status"])["bars"]
+    return JSONResponse(d)
 
 
-@router.get("/app/jobs/{job_id}/results.csv")
-async def app_results(request: Request, job_id: str) -> Response:
+@router.get("/app/jobs/{job_id}/results.{fmt}")
+async def app_results(request: Request, job_id: str, fmt: str, status: str = "", reason: str = "",
+                      q: str = "") -> Response:
     _c, job = await _own_job(request, job_id)
-    if job is None:
-        return error_page(request, 404, "No such job.")
-    return StreamingResponse(export(_svc(request).store, job, "csv"), media_type="text/csv; charset=utf-8",
-                             headers={"Content-Disposition": f'attachment; filename="sounding-{job.id}.csv"'})
+    if job is None or fmt not in EXPORT_MEDIA:
+        return error_page(request, 404, "No such job." if job is None else "No such format.")
+    status, reason, q = _filters(status, reason, q)
+    return export_response(_svc(request).store, job, fmt, status=status, reason=reason, contains=q)
+
+
+@router.get("/app/jobs/{job_id}/sessions/{session_id}", response_class=HTMLResponse)
+async def app_transcript(request: Request, job_id: str, session_id: str) -> Response:
+    """The transcript of a session held for one of the client's jobs (recipients masked)."""
+    c, job = await _own_job(request, job_id)
+    if c is None:
+        return RedirectResponse("/app", status_code=303)
+    row = await _svc(request).store.session_log(session_id[:64]) if job is not None else None
+    if job is None or row is None or job.id not in row.job_ids.split():
+        return error_page(request, 404, "No such session for this job.")
+    return render(request, "app_transcript.html", {
+        "job": job, "s": row, "started": _utc(row.started), "duration": f"{max(row.ended - row.started, 0):.2f} s",
+        "lines": transcript_lines(_svc(request).store.transcript_text(row))})
+
+
+_LOCAL_PART = re.compile(r"[^\s<>()\[\]:;,\"@]+@(?=[A-Za-z0-9.\[-])")
+
+
+def transcript_lines(text: str) -> list[tuple[str, str, str]]:
+    """A stored transcript as (seconds since the first line, direction, text) rows, with every
+    address's local part masked: a session may carry other clients' recipients, and servers
+    echo recipients in their replies."""
+    out: list[tuple[str, str, str]] = []
+    t0: float | None = None
+    for line in text.splitlines():
+        t_text, _, rest = line.partition(" ")
+        direction, _, body = rest.partition(" ")
+        try:
+            t = float(t_text)
+        except ValueError:
+            out.append(("", "", _LOCAL_PART.sub("***@", line)))
+            continue
+        t0 = t if t0 is None else t0
+        out.append((f"{t - t0:.3f}", direction, _LOCAL_PART.sub("***@", body)))
+    return out
 
 
 @router.post("/app/jobs/{job_id}/cancel")
@@ -339,16 +446,37 @@ async def app_cancel(request: Request, job_id: str, csrf: Annotated[str, Form(ma
     return RedirectResponse(f"/app/jobs/{job_id}", status_code=303)
 
 
-def chart(by_status: dict[str, int]) -> dict[str, Any]:
-    """A horizontal bar chart of the status breakdown, as SVG geometry."""
+@router.post("/app/jobs/{job_id}/delete")
+async def app_delete(request: Request, job_id: str, csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """Delete a job and its rows (a running job is cancelled first).  CSRF-protected."""
+    c, job = await _own_job(request, job_id)
+    if c is None:
+        return RedirectResponse("/app", status_code=303)
+    if job is None:
+        return error_page(request, 404, "No such job.")
+    if not _csrf_ok(request, csrf):
+        return await _home(request, c, "The form expired; please try again.", 400)
+    st = _svc(request).store
+    await st.cancel(job.id)
+    await st.delete_job(job.id)
+    return RedirectResponse("/app?deleted=" + quote(job.filename[:100]), status_code=303)
+
+
+COLOURS = {"deliverable": "#1b7f3b", "undeliverable": "#b3261e", "risky": "#8a5300", "unknown": "#5f6368",
+           "error": "#6a1b9a"}
+
+
+def chart(by_status: dict[str, int], scale: float = 200) -> dict[str, Any]:
+    """A horizontal bar chart of the status breakdown, as SVG geometry (every status; the
+    longest possible bar is ``scale`` units)."""
     total = sum(by_status.values()) or 1
+    names = [*statuses(), *sorted(k for k in by_status if k not in statuses())]
     bars = []
-    for i, st in enumerate(STATUSES):
+    for i, st in enumerate(names):
         n = by_status.get(st, 0)
         bars.append({"label": st, "n": n, "pct": round(100 * n / total, 1), "y": 10 + i * 34,
-                     "w": round(300 * n / total, 1), "colour": COLOURS[st]})
-    other = {k: v for k, v in by_status.items() if k not in STATUSES}
-    return {"bars": bars, "height": 10 + len(STATUSES) * 34, "other": other,
+                     "w": round(scale * n / total, 1), "colour": COLOURS.get(st, "#5f6368")})
+    return {"bars": bars, "height": 10 + len(names) * 34,
             "summary": ", ".join(f"{b['label']} {b['n']} ({b['pct']} %)" for b in bars)}
 
 

@@ -106,6 +106,10 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
             except OSError as exc:
                 raise ConnectFailed(f"connect to {mx_ip}:{port}: {exc.strerror or exc}") from exc
             assert writer is not None
+            if not source_ip:  # unbound: the address the OS chose is the one the receiver sees
+                sock = writer.get_extra_info("sockname")
+                if isinstance(sock, tuple) and sock and isinstance(sock[0], str):
+                    res.source_ip = sock[0]
             parser = ReplyParser()
             received = 0
             phase = "greeting"

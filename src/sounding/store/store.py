@@ -360,28 +360,41 @@ class Store:
             await s.execute(delete(JobRow).where(JobRow.job_id == job_id))
             await s.execute(delete(Job).where(Job.id == job_id))
 
-    async def rows(self, job_id: str, batch: int = 2000) -> AsyncIterator[JobRow]:
-        """Every row of a job in input order (streamed in batches)."""
+    async def rows(self, job_id: str, batch: int = 2000, *, status: str = "", reason: str = "",
+                   contains: str = "") -> AsyncIterator[JobRow]:
+        """Every row of a job in input order (streamed in batches); with ``status``, ``reason``
+        or ``contains`` only the matching rows (as :meth:`find_rows` filters them)."""
         last = -1
+        cond = self._row_filter(job_id, status, reason, contains)
         while True:
             async with self.session() as s:
                 chunk = list((await s.execute(select(JobRow).where(
-                    JobRow.job_id == job_id, JobRow.idx > last).order_by(JobRow.idx).limit(batch))).scalars())
+                    *cond, JobRow.idx > last).order_by(JobRow.idx).limit(batch))).scalars())
             for r in chunk:
                 yield r
             if len(chunk) < batch:
                 return
             last = chunk[-1].idx
 
-    async def find_rows(self, job_id: str, *, status: str = "", contains: str = "",
-                        limit: int = 500) -> tuple[list[JobRow], int]:
-        """The first ``limit`` rows (input order) with this status and/or an address containing
-        ``contains`` (case-insensitive), and how many match in all — filtered by the database."""
-        cond = [JobRow.job_id == job_id]
-        if status:
+    @staticmethod
+    def _row_filter(job_id: str, status: str = "", reason: str = "", contains: str = "") -> list[Any]:
+        cond: list[Any] = [JobRow.job_id == job_id]
+        if status == "pending":
+            cond.append(JobRow.done_at.is_(None))
+        elif status:
             cond.append(JobRow.status == status)
+        if reason:
+            cond.append(JobRow.reason == reason)
         if contains:
             cond.append(func.lower(JobRow.address).like(f"%{_like(contains.lower())}%", escape="\\"))
+        return cond
+
+    async def find_rows(self, job_id: str, *, status: str = "", reason: str = "", contains: str = "",
+                        limit: int = 500) -> tuple[list[JobRow], int]:
+        """The first ``limit`` rows (input order) with this status (``pending``: no verdict yet),
+        this reason and/or an address containing ``contains`` (case-insensitive), and how many
+        match in all — filtered by the database."""
+        cond = self._row_filter(job_id, status, reason, contains)
         async with self.session() as s:
             total = (await s.execute(select(func.count()).select_from(JobRow).where(*cond))).scalar_one()
             rows = list((await s.execute(select(JobRow).where(*cond).order_by(JobRow.idx).limit(limit))).scalars())
@@ -450,6 +463,11 @@ class Store:
             rows = (await s.execute(select(SessionLog.started, SessionLog.commands).where(
                 SessionLog.started >= since))).all()
         return [(t, sum(1 for c in cmds if c and c[0] == "RCPT")) for t, cmds in rows]
+
+    async def session_log(self, session_id: str) -> SessionLog | None:
+        """One session record by its transcript id."""
+        async with self.session() as s:
+            return (await s.execute(select(SessionLog).where(SessionLog.id == session_id))).scalar_one_or_none()
 
     @staticmethod
     def transcript_text(row: SessionLog) -> str:

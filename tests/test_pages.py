@@ -1,0 +1,260 @@
+"""The pages a paying client and an operator use, in a real browser (Playwright + Debian's
+Chromium) against ``sounding serve`` and the sandbox world, each in its own process: per-row
+evidence, the legend, live progress, filtered exports, the job list with delete, /ops actions
+and charts, and the API docs served with every off-machine request blocked.
+
+Every page is screenshotted at desktop (1280 px) and phone (390 px) widths into
+``$SOUNDING_SCREENSHOTS`` (default: the test's temporary directory), and at phone width the
+page must not scroll sideways.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from sounding.glossary import REASON_MEANINGS, STATUS_MEANINGS
+from sounding.verdict import Reason, Status
+
+from .conftest import serve_site
+from .test_browser import _login, browser  # noqa: F401  (the module's Chromium)
+
+pytestmark = pytest.mark.slow
+
+WIDTHS = (("desktop", 1280), ("phone", 390))
+
+
+@pytest.fixture(scope="module")
+def site(sandbox_proc: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with serve_site(sandbox_proc, tmp_path_factory.mktemp("pages")) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = Path(os.environ.get("SOUNDING_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def screenshot(page: Any, shots: Path, name: str) -> list[Path]:
+    """Screenshots at both widths; asserts the page never scrolls sideways at either."""
+    paths = []
+    for label, width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(100)
+        overflow = page.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
+        assert overflow[0] <= overflow[1], f"{name} at {label} width scrolls sideways: {overflow}"
+        p = shots / f"{name}-{label}.png"
+        page.screenshot(path=str(p), full_page=True)
+        paths.append(p)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    return paths
+
+
+def _submit(site: dict[str, str], name: str, text: str) -> str:
+    r = httpx.post(site["base"] + "/v1/jobs", headers={"X-API-Key": site["client"]},
+                   files={"file": (name, text.encode())})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def _wait_done(site: dict[str, str], job: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        d: dict[str, Any] = httpx.get(f"{site['base']}/v1/jobs/{job}", headers={"X-API-Key": site["client"]}).json()
+        if d["state"] not in ("queued", "running"):
+            return d
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} not done in {timeout} s")
+
+
+LIST = ("name,email\n"
+        "Alice,alice@honest.example\nBob,bob@honest.example\nNobody,nobody1@honest.example\n"
+        "Former,former@honest.example\nCarol,carol@catchall.example\nGone,x@nxdomain.example\n"
+        "Blocked,alice@blocked.example\nBroken,not-an-address\n"
+        "Formula,=1+1@honest.example\n")
+
+
+def test_job_page_evidence_legend_and_filtered_exports(browser: Any, site: dict[str, str],  # noqa: F811
+                                                        shots: Path) -> None:
+    job = _submit(site, "evidence.csv", LIST)
+    _wait_done(site, job)
+    page = browser.new_page(accept_downloads=True)
+    try:
+        _login(page, site["base"], site["client"])
+        page.goto(f"{site['base']}/app/jobs/{job}")
+        # the legend: every status and every reason of the enums, each with its meaning
+        legend = page.locator("#legend")
+        text = legend.inner_text()
+        for s in Status:
+            assert STATUS_MEANINGS[s.value] in text
+        page.get_by_text(f"All {len(Reason)} reasons").click()
+        text = legend.inner_text()
+        for r in Reason:
+            assert r.value in text and REASON_MEANINGS[r.value] in text
+        # the chart has a bar for every status
+        assert page.locator("#chart rect").count() == len(Status)
+
+        # per-row evidence, on demand: closed at first, opened by its summary
+        row = page.locator("#results tbody tr", has_text="nobody1@honest.example")
+        ev = row.locator("details")
+        assert ev.evaluate("d => d.open") is False
+        row.get_by_text("Show").click()
+        dl = row.locator("dl.evidence").inner_text()
+        assert "no_mailbox" in row.inner_text() and "does not exist" in dl
+        for label in ("Mail server", "Server IP", "Our source IP", "Reply code", "Enhanced code", "Reply text",
+                      "Transcript id"):
+            assert label in dl, (label, dl)
+        assert "mx1.honest.example" in dl and "550" in dl and "5.1.1" in dl
+        assert re.search(r"Server IP\s+127\.\d+\.\d+\.\d+", dl), dl
+        blocked = page.locator("#results tbody tr", has_text="alice@blocked.example")
+        blocked.get_by_text("Show").click()
+        bl = blocked.locator("dl.evidence").inner_text()
+        assert "unknown" in blocked.inner_text() and "Retry" in bl and "UTC" in bl
+        screenshot(page, shots, "job-done-evidence")
+
+        # the transcript behind the evidence (recipients masked)
+        row.get_by_role("link", name=re.compile(r"^[0-9a-f]{8,}")).click()
+        pre = page.locator("#transcript").inner_text()
+        assert "RCPT TO:<***@honest.example>" in pre and "nobody1" not in pre and "QUIT" in pre
+        screenshot(page, shots, "job-transcript")
+        page.go_back()
+
+        # filter: undeliverable + no_mailbox; the exports carry the same filter
+        page.get_by_label("Status", exact=True).select_option("undeliverable")
+        page.get_by_label("Reason", exact=True).select_option("no_mailbox")
+        page.get_by_role("button", name="Filter").click()
+        rows = page.locator("#results tbody tr")
+        assert rows.count() == 2 and "nobody1@honest.example" in rows.first.inner_text()
+        assert "=1+1@honest.example" in rows.nth(1).inner_text()
+        assert "Download these rows" in page.locator("#exports").inner_text()
+        got: dict[str, bytes] = {}
+        for fmt in ("csv", "jsonl", "xlsx"):
+            with page.expect_download() as dl_info:
+                page.locator(f'#exports a[data-format="{fmt}"]').click()
+            d = dl_info.value
+            assert d.suggested_filename == f"sounding-{job}-undeliverable-no_mailbox.{fmt}"
+            got[fmt] = Path(d.path()).read_bytes()
+        want = ["nobody1@honest.example", "=1+1@honest.example"]
+        rows_csv = list(csv.DictReader(io.StringIO(got["csv"].decode())))
+        assert [r["email"] for r in rows_csv] == ["nobody1@honest.example", "'=1+1@honest.example"]  # defused
+        lines = [json.loads(x) for x in got["jsonl"].decode().splitlines()]
+        assert [x["email"] for x in lines] == want
+        assert {x["verdict"]["reason"] for x in lines} == {"no_mailbox"}
+        from openpyxl import load_workbook
+
+        wb = load_workbook(io.BytesIO(got["xlsx"]), read_only=True)
+        sheet = [tuple(r) for r in wb.active.iter_rows(values_only=True)]
+        assert sheet[0][:3] == ("name", "email", "status")
+        assert [r[1] for r in sheet[1:]] == want and sheet[1][2] == "undeliverable"
+        screenshot(page, shots, "job-filtered")
+    finally:
+        page.close()
+
+
+def test_api_exports_filter_by_status_and_reason(site: dict[str, str]) -> None:
+    job = _submit(site, "api.csv", LIST)
+    _wait_done(site, job)
+    h = {"X-API-Key": site["client"]}
+    url = f"{site['base']}/v1/jobs/{job}/results"
+    whole = list(csv.DictReader(io.StringIO(httpx.get(url, headers=h).text)))
+    assert len(whole) == 9
+    # every status filter returns exactly the rows of that status, in input order
+    for st in {r["status"] for r in whole}:
+        part = list(csv.DictReader(io.StringIO(httpx.get(url, headers=h, params={"status": st}).text)))
+        assert [r["email"] for r in part] == [r["email"] for r in whole if r["status"] == st]
+    r = httpx.get(url, headers=h, params={"format": "jsonl", "reason": "no_mailbox"})
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    assert [json.loads(x)["email"] for x in r.text.splitlines()] == ["nobody1@honest.example", "=1+1@honest.example"]
+    r = httpx.get(url, headers=h, params={"format": "xlsx"})
+    assert r.status_code == 200 and r.content[:2] == b"PK"
+    assert "spreadsheetml" in r.headers["content-type"]
+    from openpyxl import load_workbook
+
+    sheet = list(load_workbook(io.BytesIO(r.content), read_only=True).active.iter_rows(values_only=True))
+    assert [x[1] for x in sheet[1:]] == [r["email"].lstrip("'") for r in whole]  # CSV defuses, XLSX types
+    formula = next(x for x in sheet if x[0] == "Formula")
+    assert formula[1] == "=1+1@honest.example"  # text, not a formula
+    # unknown filter values are refused, not ignored
+    assert httpx.get(url, headers=h, params={"status": "maybe"}).status_code == 422
+    assert httpx.get(url, headers=h, params={"format": "pdf"}).status_code == 422
+
+
+def test_job_list_and_delete_are_csrf_protected(browser: Any, site: dict[str, str], shots: Path) -> None:  # noqa: F811
+    keep = _submit(site, "keep-me.csv", "email\nalice@honest.example\n")
+    gone = _submit(site, "delete-me.csv", "email\nbob@honest.example\n")
+    _wait_done(site, keep)
+    _wait_done(site, gone)
+    page = browser.new_page()
+    try:
+        _login(page, site["base"], site["client"])
+        jobs = page.locator("#jobs")
+        assert "keep-me.csv" in jobs.inner_text() and "delete-me.csv" in jobs.inner_text()
+        screenshot(page, shots, "app-home")
+        # a forged post (no token from our form) deletes nothing
+        cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+        r = httpx.post(f"{site['base']}/app/jobs/{gone}/delete", data={"csrf": "forged"}, cookies=cookies,
+                       follow_redirects=False)
+        assert r.status_code == 400
+        assert httpx.get(f"{site['base']}/v1/jobs/{gone}", headers={"X-API-Key": site["client"]}).status_code == 200
+        # the page's own form asks first; refusing keeps the job
+        page.once("dialog", lambda d: d.dismiss())
+        page.locator(f'tr[data-job="{gone}"]').get_by_role("button", name="Delete delete-me.csv").click()
+        assert "delete-me.csv" in page.locator("#jobs").inner_text()
+        page.once("dialog", lambda d: d.accept())
+        page.locator(f'tr[data-job="{gone}"]').get_by_role("button", name="Delete delete-me.csv").click()
+        page.get_by_role("status").wait_for()
+        assert "Deleted delete-me.csv." in page.get_by_role("status").inner_text()
+        assert "delete-me.csv" not in page.locator("#jobs").inner_text()
+        assert "keep-me.csv" in page.locator("#jobs").inner_text()
+        assert httpx.get(f"{site['base']}/v1/jobs/{gone}", headers={"X-API-Key": site["client"]}).status_code == 404
+    finally:
+        page.close()
+
+
+def test_running_job_shows_eta_and_partial_counts(browser: Any, site: dict[str, str],  # noqa: F811
+                                                  shots: Path) -> None:
+    # the greylisting and tarpit servers keep the job running for several seconds
+    slow = [f"{b}@greylist.example" for b in ("alice", "bob", "carol", "dave")] + \
+           [f"{b}@tarpit.example" for b in ("alice", "bob", "carol", "nobody0", "nobody1")]
+    fast = [f"{b}@honest.example" for b in ("alice", "bob", "carol", "dave", "erin", "frank")]
+    job = _submit(site, "slow.csv", "email\n" + "\n".join(fast + slow) + "\n")
+    page = browser.new_page()
+    try:
+        _login(page, site["base"], site["client"])
+        page.goto(f"{site['base']}/app/jobs/{job}")
+        assert page.locator("#state").inner_text() in ("queued", "running")
+        # partial counts: some done, not all, while the state says running; the chart follows
+        page.wait_for_function(
+            "() => { const d = +document.getElementById('done').textContent;"
+            " return document.getElementById('state').textContent === 'running' && d > 0 && d < 15; }",
+            timeout=30_000)
+        page.wait_for_function("() => !document.getElementById('eta-box').hidden", timeout=30_000)
+        eta = page.locator("#eta").inner_text()
+        assert re.fullmatch(r"\d+ (s|min)|\d+ h( \d+ min)?", eta), eta
+        title = page.locator("#chart-title").text_content() or ""
+        assert re.search(r"deliverable [1-9]", title), title
+        screenshot(page, shots, "job-running")
+        # the page turns into the finished page by itself
+        page.wait_for_function("() => document.getElementById('state').textContent === 'done'", timeout=90_000)
+        page.locator("#results").wait_for()
+        assert page.locator("#eta-box").is_hidden()
+    finally:
+        page.close()
+
+
+def _off_machine(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return not (host.startswith("127.") or host == "localhost") and not url.startswith(("data:", "blob:"))
