@@ -258,3 +258,45 @@ def test_running_job_shows_eta_and_partial_counts(browser: Any, site: dict[str, 
 def _off_machine(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     return not (host.startswith("127.") or host == "localhost") and not url.startswith(("data:", "blob:"))
+
+
+def test_api_docs_render_offline(browser: Any, site: dict[str, str], shots: Path) -> None:  # noqa: F811
+    """/docs (Swagger UI) and /redoc from the bundled assets, with every request that would
+    leave the machine aborted: both must still list the API's operations."""
+    ctx = browser.new_context()
+    blocked: list[str] = []
+    asked: list[str] = []
+
+    def route(r: Any) -> None:
+        url = r.request.url
+        asked.append(url)
+        if _off_machine(url):
+            blocked.append(url)
+            r.abort()
+        else:
+            r.continue_()
+
+    ctx.route("**/*", route)
+    page = ctx.new_page()
+    try:
+        page.goto(site["base"] + "/docs")
+        ops = page.locator(".opblock-summary-path")
+        ops.first.wait_for(timeout=20_000)
+        paths = set(ops.all_inner_texts())
+        assert {"/v1/verify", "/v1/jobs", "/v1/jobs/{job_id}/results"} <= {p.replace("\u200b", "") for p in paths}
+        assert page.locator(".swagger-ui .info .title").inner_text().startswith("Sounding")
+        screenshot(page, shots, "docs-swagger")
+
+        page.goto(site["base"] + "/redoc")
+        page.locator("h2", has_text="Upload a list (CSV with any columns, or JSON lines)").wait_for(timeout=20_000)
+        headings = page.locator("h2").all_inner_texts()
+        assert any("Verify one address" in h for h in headings), headings
+        screenshot(page, shots, "docs-redoc")
+    finally:
+        ctx.close()
+    assert blocked == [], f"the docs tried to leave the machine: {blocked}"
+    assert any("/static/vendor/swagger-ui/swagger-ui-bundle.js" in u for u in asked)
+    assert any("/static/vendor/redoc/redoc.standalone.js" in u for u in asked)
+    # the licences travel with the files
+    for f in ("swagger-ui/LICENSE", "swagger-ui/NOTICE", "redoc/LICENSE"):
+        assert httpx.get(f"{site['base']}/static/vendor/{f}").status_code == 200

@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
     app = FastAPI(title="Sounding", version="1", lifespan=lifespan,
                   description="E-mail address verification over SMTP: connect, EHLO, MAIL FROM, RCPT TO, "
                               "QUIT — never a message.",
-                  )
+                  docs_url=None, redoc_url=None)  # served below from bundled assets, not a CDN
     app.state.settings = s
 
     @app.exception_handler(Problem)
@@ -164,7 +164,51 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
 
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).resolve().parent / "static")), name="static")
+    _docs_routes(app)
     return app
+
+
+VENDOR = "/static/vendor"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` and ReDoc at ``/redoc``, from the copies in ``static/vendor``
+    (see its README for versions and licences): they work offline and fetch nothing from
+    elsewhere (no CDN, no web fonts, no online spec validator)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+
+    oauth2 = "/docs/oauth2-redirect"
+
+    def offline(resp: HTMLResponse) -> HTMLResponse:
+        # The browser itself enforces "this machine only": ReDoc 2 shows a logo from its CDN
+        # and Swagger UI can call an online validator; the policy stops both before any
+        # request leaves. Inline script/style: both UIs are started by an inline snippet.
+        resp.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
+            "font-src 'self' data:; frame-ancestors 'none'")
+        return resp
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return offline(get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — API (Swagger UI)",
+            swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png", oauth2_redirect_url=oauth2,
+            swagger_ui_parameters={"validatorUrl": None}))
+
+    @app.get(oauth2, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return offline(get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — API (ReDoc)",
+            redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png", with_google_fonts=False))
 
 
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Your API key.")
