@@ -9,6 +9,11 @@ Rules (RFC 5321 §5.1, RFC 7505):
   (unknown), never evidence of absence.
 * MX hosts without addresses are skipped. Addresses in private, loopback, link-local,
   multicast or reserved ranges are refused unless ``allow_private`` (the sandbox).
+* When no MX host has an address: if every MX host *name* does not exist (NXDOMAIN for its
+  A and AAAA queries) the mail cannot be delivered -- every MTA bounces it (RFC 5321 §5.1;
+  Postfix: 5.4.4 "Host or domain name not found") -- so it is ``MX_HOSTS_MISSING``; a
+  SERVFAIL or timeout on any of those lookups is a ``FAILURE``; names that exist without
+  address records stay ``NO_MX_ADDRESS`` (unknown).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class MxStatus(StrEnum):
     NO_DOMAIN = "no_domain"
     NO_MAIL_HOST = "no_mx"  # the domain exists but has neither MX nor address
     NO_MX_ADDRESS = "no_mx_address"  # MX hosts exist but none has an address
+    MX_HOSTS_MISSING = "mx_hosts_missing"  # no MX host name exists (NXDOMAIN for each)
     REFUSED = "mx_refused"  # every MX address is in a private/reserved range
     FAILURE = "dns_failure"
 
@@ -161,22 +167,29 @@ class MxResolver:
         self.lookups += 1
         return await self._r.resolve(name, rdtype, search=False)
 
-    async def _addresses(self, host: str) -> tuple[list[str], int, str | None]:
-        """A and AAAA of ``host``: (addresses, ttl, failure detail or None)."""
+    async def _addresses(self, host: str) -> tuple[list[str], int, str | None, bool]:
+        """A and AAAA of ``host``: (addresses, ttl, failure detail or None, whether the name
+        does not exist -- NXDOMAIN for both queries)."""
         ips: list[str] = []
         ttl = 3600
         failure = None
+        nxdomain = 0
         for rdtype in ("A", "AAAA"):
             try:
                 ans = await self._query(host, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            except dns.resolver.NXDOMAIN:
+                nxdomain += 1
+                continue
+            except dns.resolver.NoAnswer:
                 continue
             except dns.exception.DNSException as exc:
-                failure = f"{rdtype} {host}: {type(exc).__name__}"
+                kind = "timeout" if isinstance(exc, dns.exception.Timeout) else (
+                    "SERVFAIL" if isinstance(exc, dns.resolver.NoNameservers) else type(exc).__name__)
+                failure = f"{rdtype} {host}: {kind}"
                 continue
             ttl = min(ttl, ans.rrset.ttl if ans.rrset else ttl)
             ips.extend(r.to_text() for r in ans)
-        return ips, ttl, failure
+        return ips, ttl, failure, nxdomain == 2
 
     async def _resolve(self, d: str) -> tuple[MxResult, int]:
         try:
@@ -193,7 +206,7 @@ class MxResolver:
 
         if ans is None:
             # RFC 5321 §5.1: no MX -> the domain itself is the implicit MX (A/AAAA).
-            ips, ttl, failure = await self._addresses(d)
+            ips, ttl, failure, _ = await self._addresses(d)
             if not ips:
                 if failure:
                     return MxResult(d, MxStatus.FAILURE, detail=failure), 0
@@ -212,17 +225,24 @@ class MxResolver:
             return MxResult(d, MxStatus.NULL_MX, detail="null MX (RFC 7505)"), ttl
         hosts: list[tuple[int, str, list[str]]] = []
         failures = []
+        missing = []
         results = await asyncio.gather(*(self._addresses(h) for _, h in real))
-        for (pref, host), (ips, attl, failure) in zip(real, results, strict=True):
+        for (pref, host), (ips, attl, failure, nxdomain) in zip(real, results, strict=True):
             ttl = min(ttl, attl)
             if failure and not ips:
                 failures.append(failure)
+            if nxdomain:
+                missing.append(host)
             hosts.append((pref, host, ips))
         if not any(ips for _, _, ips in hosts):
-            if failures:
+            if failures:  # SERVFAIL/timeout: nothing is proved
                 return MxResult(d, MxStatus.FAILURE, detail="; ".join(failures)), 0
-            return MxResult(d, MxStatus.NO_MX_ADDRESS,
-                            detail="no MX host has an address"), min(ttl, self.negative_ttl)
+            if len(missing) == len(hosts):
+                return MxResult(d, MxStatus.MX_HOSTS_MISSING, hosts=(), detail=(
+                    "no MX host name exists (NXDOMAIN): " + ", ".join(missing))), \
+                    min(ttl, self.negative_ttl)
+            return MxResult(d, MxStatus.NO_MX_ADDRESS, detail="no MX host has an address" + (
+                f" ({', '.join(missing)}: NXDOMAIN)" if missing else "")), min(ttl, self.negative_ttl)
         return self._filter(d, hosts, implicit=False), ttl
 
     def _filter(self, d: str, hosts: list[tuple[int, str, list[str]]], *,

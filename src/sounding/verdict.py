@@ -1,8 +1,8 @@
 """Facts -> Verdict (pure). The rules of DESIGN.md, in one place.
 
 * deliverable: RCPT accepted by a server that rejected our random catch-all probe.
-* undeliverable: bad syntax; no such domain / null MX / no mail host; the MX answered
-  permanently that the mailbox does not exist or is disabled.
+* undeliverable: bad syntax; no such domain / null MX / no mail host / no MX host name
+  exists; the MX answered permanently that the mailbox does not exist or is disabled.
 * risky: catch-all or accept-all server, mailbox full, disposable domain.
 * unknown: everything else -- DNS failure, timeout, block, policy, greylisting past the wait,
   exempt -- with ``retry_after`` when a retry can help.
@@ -201,6 +201,8 @@ def from_dns(address: str, mx: MxResult, flags: frozenset[str], **kw: Any) -> Ve
         return Verdict(address, Status.UNDELIVERABLE, Reason.NULL_MX, flags, ev, **kw)
     if s is MxStatus.NO_MAIL_HOST:
         return Verdict(address, Status.UNDELIVERABLE, Reason.NO_MX, flags, ev, **kw)
+    if s is MxStatus.MX_HOSTS_MISSING:  # RFC 5321 §5.1: every MTA bounces (5.4.4)
+        return Verdict(address, Status.UNDELIVERABLE, Reason.NO_MX_ADDRESS, flags, ev, **kw)
     if s is MxStatus.NO_MX_ADDRESS:
         return unknown(address, Reason.NO_MX_ADDRESS, flags=flags, evidence=ev, **kw)
     if s is MxStatus.REFUSED:

@@ -89,6 +89,14 @@ class WorldResolver(BaseResolver):  # type: ignore[misc]
                 reply.add_auth(self._soa(qname))
                 return reply
         host = w.hosts.get(qname)
+        if host is not None and dom is None:
+            if host.dns == "timeout":
+                raise DNSError("simulated timeout: no answer")
+            if host.dns == "servfail":
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
+            if host.dns == "nxdomain":
+                host = None  # the MX points at a name that does not exist
         extra = w.extra_a.get(qname)
         if dom is None and host is None and extra is None:
             reply.header.rcode = RCODE.NXDOMAIN

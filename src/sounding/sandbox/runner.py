@@ -63,7 +63,7 @@ class Sandbox:
         n = 0
         for name in sorted(self.world.hosts):
             host = self.world.hosts[name]
-            if not host.has_address:
+            if not host.resolvable:
                 continue
             if host.ip:
                 self.host_ips[name] = host.ip

@@ -403,6 +403,10 @@ class SMTPPersonalityServer:
             ev(ev="cmd", verb=verb, arg=arg if verb in ("MAIL", "RCPT", "EHLO", "HELO") else "",
                code=int(reply[:3]))
             await send(reply)
+            if verb == "RCPT" and p.hangup_after_rcpts is not None and \
+                    rcpts_in_session >= p.hangup_after_rcpts:
+                ev(ev="event", note="hangup_after_rcpts")
+                return "hangup"  # no 421, no goodbye: the connection just closes
 
     def _rcpt(self, client: str, sender: str, rcpt: str, n: int,
               ev: Callable[..., None]) -> tuple[str, bool]:

@@ -54,6 +54,9 @@ class Personality:
     greeting_delay: float = 0.0
     #: Close the connection without a reply when the Nth RCPT arrives (1-based).
     drop_at_rcpt: int | None = None
+    #: Answer this many RCPTs of a session, then close the connection at once (no 421):
+    #: a server that drops sessions with "too many" recipients. A verifier learns the limit.
+    hangup_after_rcpts: int | None = None
     #: postgrey-like greylisting of (client IP, sender, recipient) for this many seconds.
     greylist_delay: float | None = None
     greylist_window: float = 2 * 86400
@@ -120,12 +123,22 @@ PERSONALITIES: dict[str, Personality] = {
 
 @dataclass(frozen=True)
 class Host:
-    """An MX host: its name, its loopback address (None: the name has no address)."""
+    """An MX host: its name, its loopback address (None: assigned by the sandbox).
+
+    ``has_address=False``: the name exists without A/AAAA records (NODATA);
+    ``dns="nxdomain"``: the name does not exist at all; ``"servfail"``/``"timeout"``: its
+    address lookups fail."""
 
     name: str
     personality: Personality = _H
     ip: str | None = None
     has_address: bool = True
+    dns: DnsMode = "ok"
+
+    @property
+    def resolvable(self) -> bool:
+        """Whether the name resolves to an address the sandbox serves."""
+        return self.has_address and self.dns == "ok"
 
 
 @dataclass(frozen=True)
@@ -206,17 +219,24 @@ class World:
             return Truth("unknown", "dns_failure")
         if domain.null_mx:
             return Truth("undeliverable", "null_mx")
-        usable = [
-            h for h in self.mx_hosts(domain) if h.has_address and not h.personality.refuse
-        ]
+        hosts = self.mx_hosts(domain)
+        usable = [h for h in hosts if h.resolvable and not h.personality.refuse]
         if not usable:
-            if not any(h.has_address for h in self.mx_hosts(domain)):
+            if any(h.dns in ("servfail", "timeout") for h in hosts):
+                return Truth("unknown", "dns_failure")
+            if all(h.dns == "nxdomain" for h in hosts):
+                # RFC 5321 §5.1: no MX host name exists -- every MTA bounces the mail
+                return Truth("undeliverable", "no_mx_address")
+            if not any(h.resolvable for h in hosts):
                 return Truth("unknown", "no_mx_address")
             return Truth("unknown", "connect_failed")
         p = usable[0].personality
         if p.block_all:
             return Truth("unknown", "ip_blocked")
-        if p.drop_at_rcpt is not None:
+        answered = min(p.drop_at_rcpt - 1 if p.drop_at_rcpt is not None else 1 << 30,
+                       p.hangup_after_rcpts if p.hangup_after_rcpts is not None else 1 << 30)
+        if answered < 2:
+            # fewer than two answers per session: no room for the catch-all probe and an address
             return Truth("unknown", "connection_lost")
         if p.accept_all:
             return Truth("risky", "accept_all" if p.style == "yahoo" else "catch_all")
@@ -247,7 +267,10 @@ class World:
         base = PERSONALITIES[personality] if isinstance(personality, str) else personality
         ip = over.pop("ip", None)
         has_address = over.pop("has_address", True)
-        host = Host(name.lower(), base.with_(**over) if over else base, ip, has_address)
+        dns = over.pop("dns", "ok")
+        if dns not in ("ok", "nxdomain", "servfail", "timeout"):
+            raise ConfigError(f"host {name}: dns must be ok, nxdomain, servfail or timeout")
+        host = Host(name.lower(), base.with_(**over) if over else base, ip, has_address, dns)
         self.hosts[host.name] = host
         return host
 
@@ -378,6 +401,9 @@ def default_world(*, greylist_delay: float = 2.0, tarpit_delay: float = 0.3) -> 
     w.add_host("mx.onlynoaddr.example", "honest", has_address=False)
     w.add_domain("onlynoaddr.example", mx=[(10, "mx.onlynoaddr.example")],
                  mailboxes=["alice"], unknown=["bob"])
+    # an MX that points at a host name which does not exist (NXDOMAIN): undeliverable
+    w.add_host("mx.gone.example", "honest", dns="nxdomain")
+    w.add_domain("gone-mx.example", mx=[(10, "mx.gone.example")], mailboxes=["alice"], unknown=["bob"])
     # implicit MX: no MX record, an A record on the domain itself
     w.add_host("implicit.example", "honest")
     std("implicit.example", "", mx=[], implicit_mx="implicit.example")
