@@ -49,3 +49,53 @@ def test_caps_on_line_length_and_line_count() -> None:
 def test_make_reply_and_str() -> None:
     r = make_reply(452, "4.5.3 too many recipients")
     assert r.enhanced_str == "4.5.3" and str(r) == "452 4.5.3 too many recipients"
+
+
+@pytest.mark.parametrize("bad", [
+    "٢٥٠ OK\r\n".encode(),          # Arabic-Indic digits: str.isdigit() says yes, SMTP says no
+    "25² OK\r\n".encode(),          # a superscript: int() of it raised ValueError
+    "２５０ OK\r\n".encode(),        # fullwidth digits
+    b"\xd9\xa2\xd9\xa5\xd9\xa0 OK\r\n",  # the same Arabic-Indic bytes, spelled out
+    b"150 not a final reply\r\n",     # RFC 5321 §4.2: the first digit is 2-5
+    b"260 second digit 6\r\n",        # the second digit is 0-5
+    b"650 no\r\n",
+    b"25 short\r\n",
+    b" 250 leading space\r\n",
+    b"250x\r\n",
+    b"2500 four digits\r\n",
+])
+def test_reply_codes_are_exactly_three_ascii_digits(bad: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        ReplyParser().feed(bad)
+
+
+def test_superscript_in_a_continuation_line_is_a_protocol_error_not_a_crash() -> None:
+    with pytest.raises(ProtocolError):
+        ReplyParser().feed("250-mx\r\n25¹ PIPELINING\r\n".encode())
+
+
+def test_bare_code_lines_and_empty_continuations_are_valid() -> None:
+    got = ReplyParser().feed(b"250-\r\n250-PIPELINING\r\n250\r\n")
+    assert got[0].code == 250 and got[0].lines == ("", "PIPELINING", "")
+
+
+def test_enhanced_code_is_ascii_only_and_must_agree_with_the_reply_class() -> None:
+    r = ReplyParser().feed("550 ٥.١.١ no such user\r\n".encode())[0]
+    assert r.code == 550 and r.enhanced is None  # Arabic-Indic enhanced code: not one
+    r = ReplyParser().feed(b"550 2.1.5 odd\r\n")[0]
+    assert r.enhanced is None  # class 2 on a 5xx reply: not trusted
+    assert ReplyParser().feed(b"550 5.1.1 no\r\n")[0].enhanced == (5, 1, 1)
+
+
+def test_total_reply_size_is_capped() -> None:
+    with pytest.raises(ProtocolError):
+        ReplyParser(max_reply=1000).feed(b"250-" + b"x" * 300 + b"\r\n" * 1 + (b"250-" + b"y" * 300 + b"\r\n") * 3)
+    # the cap is per reply: many small replies are fine
+    out = ReplyParser(max_reply=1000).feed(b"250 " + b"x" * 300 + b"\r\n" + b"250 " + b"y" * 300 + b"\r\n" * 1)
+    assert len(out) == 2
+
+
+def test_parser_state_after_a_reply_is_clean() -> None:
+    p = ReplyParser()
+    assert p.feed(b"250 a\r\n250-b") and p.pending
+    assert p.feed(b"\r\n250 c\r\n")[0].lines == ("b", "c") and not p.pending

@@ -38,7 +38,7 @@ from .errors import AddressError, ConnectFailed, PhaseTimeout
 from .settings import Settings
 from .smtp.classify import Classification, Outcome, classify
 from .smtp.client import Opener, SessionResult, run_session
-from .smtp.reply import Reply
+from .smtp.reply import ProtocolError, Reply
 from .smtp.session import ProbeSession
 from .verdict import (
     CatchAll,
@@ -735,9 +735,11 @@ class Verifier:
             detail = str(err) if err else "no reply"
             if isinstance(err, ConnectFailed):
                 reason = Reason.CONNECT_FAILED
+            elif isinstance(err, ProtocolError):  # out of step or not SMTP: nothing counts
+                reason = Reason.PROTOCOL_ERROR
             elif isinstance(err, PhaseTimeout):
                 reason = Reason.TIMEOUT
-            if j.attempts < 1 and reason is not Reason.CONNECTION_LOST and \
+            if j.attempts < 1 and reason not in (Reason.CONNECTION_LOST, Reason.PROTOCOL_ERROR) and \
                     now - j.first_seen < s.max_wait:
                 j.attempts += 1
                 j.not_before = now + 1.0

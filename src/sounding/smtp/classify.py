@@ -202,8 +202,12 @@ def classify_parts(code: int | None, enhanced: tuple[int, int, int] | None,
                    text: str) -> Classification:
     """Classify from a basic code (may be missing), an enhanced code and the text."""
     cls = enhanced[0] if enhanced else (code // 100 if code else None)
-    if code is not None and 200 <= code < 300:
+    if code in (250, 251):
         return Classification(Outcome.ACCEPTED)
+    if code is not None and 200 <= code < 300:
+        # RFC 5321 §4.3.2: RCPT succeeds with 250 or 251 only. 252 ("cannot VRFY user, but
+        # will accept message", §3.5.3) is a VRFY reply: it proves nothing about a mailbox.
+        return Classification(Outcome.PROTOCOL_ERROR)
     # Addresses in the text ("<does-not-exist@...>") must not steer the classification.
     body = _LEADING_CODE.sub("", text)
     t = " ".join(_ADDR_IN_TEXT.sub(" ", body).split())

@@ -1,10 +1,18 @@
 """The asyncio driver of a :class:`~sounding.smtp.session.ProbeSession`.
 
-A short loop: connect (optionally from a chosen source IP), read bytes, feed complete
-replies to the state machine, write what it returns, upgrade to TLS when told. Per-phase
-timeouts (connect, greeting, command) and a whole-session deadline bound every session; a
-byte cap bounds what a hostile server can make us read. Library errors (socket, ssl,
-asyncio) are translated into :mod:`sounding.errors` here and nowhere else.
+A short loop: connect (optionally from a chosen source IP), read bytes, feed them to the
+pure :class:`~sounding.smtp.session.Conversation` (parser + state machine + pairing
+checks), write what it returns, upgrade to TLS when told. Per-phase timeouts (connect,
+greeting, command) and a whole-session deadline bound every session; a byte cap bounds what
+a hostile server can make us read. Library errors (socket, ssl, asyncio) are translated
+into :mod:`sounding.errors` here and nowhere else.
+
+Each read takes *everything* the stream has buffered (``_READ`` exceeds what an asyncio
+stream buffers before it stops reading), so the conversation's "bytes already received"
+is exact: an unsolicited reply, or plaintext glued after ``220`` to STARTTLS, is seen
+before the next command is written or the TLS handshake starts. Bytes that reach the
+socket only after the handshake started are fed to TLS and fail it: the session is lost,
+never misread (RFC 3207 §4.2).
 """
 
 from __future__ import annotations
@@ -17,8 +25,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConnectFailed, ConnectionLost, PhaseTimeout, SMTPTransportError
-from .reply import ProtocolError, ReplyParser
-from .session import ProbeSession, SessionOutcome
+from .reply import ProtocolError, Reply
+from .session import Conversation, ProbeSession, SessionOutcome
+
+#: Bytes per read: more than an asyncio stream buffers (2 x its 64 KiB limit) before it
+#: pauses the socket, so one read drains everything received so far.
+_READ = 1 << 20
+#: How long to wait for the reply to a courtesy QUIT after a protocol error.
+_QUIT_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -110,13 +124,18 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
                 sock = writer.get_extra_info("sockname")
                 if isinstance(sock, tuple) and sock and isinstance(sock[0], str):
                     res.source_ip = sock[0]
-            parser = ReplyParser()
+            conv = Conversation(session)
             received = 0
             phase = "greeting"
             wait = timeouts.greeting
+
+            def seen(reply: Reply) -> None:
+                for ln in reply.lines:
+                    tr.add("<", f"{reply.code} {ln}")
+
             while not session.done:
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), wait)
+                    data = await asyncio.wait_for(reader.read(_READ), wait)
                 except TimeoutError as exc:
                     raise PhaseTimeout(phase) from exc
                 except (ConnectionError, ssl.SSLError) as exc:
@@ -124,12 +143,14 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
                 if not data:
                     raise ConnectionLost(f"server closed the connection during {phase}")
                 received += len(data)
-                if received > max_bytes:
-                    raise ProtocolError(f"server sent more than {max_bytes} bytes")
-                for reply in parser.feed(data):
-                    for ln in reply.lines:
-                        tr.add("<", f"{reply.code} {ln}")
-                    step = session.on_reply(reply)
+                try:
+                    if received > max_bytes:
+                        raise ProtocolError(f"server sent more than {max_bytes} bytes")
+                    steps = conv.feed(data, seen)
+                except ProtocolError as exc:
+                    await _void(session, writer, reader, tr, exc)
+                    raise
+                for _reply, step in steps:
                     if step.start_tls:
                         if _TLS_CTX is None:
                             _TLS_CTX = _client_tls()
@@ -147,7 +168,7 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
                         await writer.drain()
                         phase = step.send[-1].split(b" ", 1)[0].strip().decode()
                         wait = timeouts.command
-                    if step.close or session.done:
+                    if step.close:
                         break
     except SMTPTransportError as exc:
         res.error = exc
@@ -170,3 +191,29 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
         res.ended = time.time()
     return res
 
+
+async def _void(session: ProbeSession, writer: asyncio.StreamWriter,
+                reader: asyncio.StreamReader, tr: Transcript, exc: ProtocolError) -> None:
+    """End a session that is out of step: void its answers, QUIT if the line is usable.
+
+    The QUIT is a courtesy to the receiver (RFC 5321 §4.1.1.10); whatever comes back is
+    recorded but not read as a reply to anything.
+    """
+    tr.add("*", f"protocol error: {exc}")
+    step = session.on_protocol_error(str(exc))
+    if not step.send or writer.is_closing() or reader.at_eof():
+        return
+    try:
+        for line in step.send:
+            tr.add(">", line.decode("utf-8", "replace").rstrip("\r\n"))
+        writer.write(b"".join(step.send))
+        await asyncio.wait_for(writer.drain(), _QUIT_GRACE)
+        async with asyncio.timeout(_QUIT_GRACE):
+            while not reader.at_eof():
+                data = await reader.read(_READ)
+                if data:
+                    tr.add("*", f"after QUIT (not read as a reply): {data[:200]!r}")
+                if b"221" in data:
+                    break
+    except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
+        pass

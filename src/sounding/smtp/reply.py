@@ -1,10 +1,17 @@
 """SMTP replies: bytes in, typed :class:`Reply` out (pure, incremental).
 
 RFC 5321 §4.2: a reply is ``code SP text CRLF`` or, multi-line, ``code "-" text CRLF`` lines
-ending with ``code SP text``. RFC 3463 enhanced status codes (``class.subject.detail``) may
-follow the code (RFC 2034). Hostile servers are bounded: a line longer than
-``max_line`` or a reply of more than ``max_lines`` lines is a protocol error, as is a line
-whose code is not three digits or that changes code within one reply.
+ending with ``code SP text`` (or the bare code). The grammar is checked on the *bytes*
+(RFC 5321 §4.2: ``Reply-code = %x32-35 %x30-35 %x30-39``): exactly three ASCII digits, the
+first 2-5 and the second 0-5. ``str.isdigit`` is not used anywhere: it accepts Arabic-Indic
+digits (``٢٥٠``) and superscripts (``²``), which are not SMTP. RFC 3463 enhanced status codes
+(``class.subject.detail``, ASCII digits only) may follow the code (RFC 2034); one whose class
+disagrees with the reply code's first digit is not trusted.
+
+Hostile servers are bounded (aiosmtplib's ``protocol.py`` is the model): a line longer than
+``max_line`` octets, a reply of more than ``max_lines`` lines or ``max_reply`` octets in all
+is a protocol error, as is a line with a malformed code, a code that changes within one
+multi-line reply, or a line that starts with a code and then neither SP nor ``-``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,17 @@ from dataclasses import dataclass
 
 from ..errors import SMTPTransportError
 
-_ENH = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+# RFC 3463 §2: class "." subject "." detail; subject and detail 1-3 ASCII digits.
+_ENH = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)", re.ASCII)
+# RFC 5321 §4.2: Reply-code = %x32-35 %x30-35 %x30-39, then SP, "-" or the end of the line.
+_REPLY_LINE = re.compile(rb"\A([2-5][0-5][0-9])(?:([ -])(.*))?\Z", re.DOTALL)
+
+#: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers exceed it a little.
+MAX_LINE = 4096
+#: Lines in one reply (a long EHLO is ~20 lines).
+MAX_LINES = 100
+#: Octets in one reply, all lines together (aiosmtplib: 4 x its line limit).
+MAX_REPLY = 32 * 1024
 
 
 class ProtocolError(SMTPTransportError):
@@ -63,30 +80,45 @@ class Reply:
         return f"{self.code}{enh} {self.text}".strip()
 
 
-def enhanced_of(text: str) -> tuple[int, int, int] | None:
-    """The RFC 3463 code at the start of ``text``, if any."""
+def enhanced_of(text: str, code: int | None = None) -> tuple[int, int, int] | None:
+    """The RFC 3463 code at the start of ``text``, if any.
+
+    With ``code``, an enhanced code of another class than the reply code (``550 2.1.5``)
+    is ignored: the two disagree, and the basic code is the one RFC 5321 defines.
+    """
     m = _ENH.match(text.strip())
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+    if not m:
+        return None
+    enh = (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    if code is not None and enh[0] != code // 100:
+        return None
+    return enh
 
 
 def make_reply(code: int, text: str) -> Reply:
     """Build a one-line reply (for tests, and for corpus rows)."""
-    return Reply(code, (text,), enhanced_of(text))
+    return Reply(code, (text,), enhanced_of(text, code))
 
 
 class ReplyParser:
-    """Incremental parser: ``feed(bytes)`` returns the replies completed so far."""
+    """Incremental parser: ``feed(bytes)`` returns the replies completed so far.
 
-    def __init__(self, *, max_line: int = 4096, max_lines: int = 100) -> None:
+    After a :class:`ProtocolError` the parser is unusable: the stream is out of step.
+    """
+
+    def __init__(self, *, max_line: int = MAX_LINE, max_lines: int = MAX_LINES,
+                 max_reply: int = MAX_REPLY) -> None:
         self.max_line = max_line
         self.max_lines = max_lines
+        self.max_reply = max_reply
         self._buf = bytearray()
         self._lines: list[str] = []
         self._code: int | None = None
+        self._size = 0
 
     @property
     def pending(self) -> bool:
-        """True while a reply is partially received."""
+        """True while a reply is partially received (bytes of it are buffered)."""
         return bool(self._buf) or bool(self._lines)
 
     def feed(self, data: bytes) -> list[Reply]:
@@ -101,28 +133,34 @@ class ReplyParser:
                 return out
             if nl > self.max_line:
                 raise ProtocolError(f"reply line longer than {self.max_line} octets")
-            raw = bytes(self._buf[:nl]).rstrip(b"\r")
+            raw = bytes(self._buf[:nl])
             del self._buf[: nl + 1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
             reply = self._line(raw)
             if reply is not None:
                 out.append(reply)
 
     def _line(self, raw: bytes) -> Reply | None:
-        line = raw.decode("utf-8", "replace")
-        if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
-            raise ProtocolError(f"not an SMTP reply line: {line[:80]!r}")
-        code = int(line[:3])
-        if not 200 <= code <= 599:
-            raise ProtocolError(f"reply code out of range: {code}")
+        m = _REPLY_LINE.match(raw)
+        if m is None:
+            shown = raw[:80].decode("utf-8", "replace")
+            raise ProtocolError(f"not an SMTP reply line: {shown!r}")
+        code = int(m.group(1))  # three ASCII digits: int() cannot fail or misread
         if self._code is not None and code != self._code:
-            raise ProtocolError(f"reply code changed within a multi-line reply: {line[:80]!r}")
+            raise ProtocolError(
+                f"reply code changed within a multi-line reply: {self._code} then {code}")
         self._code = code
-        self._lines.append(line[4:])
+        self._size += len(raw) + 2
+        if self._size > self.max_reply:
+            raise ProtocolError(f"reply longer than {self.max_reply} octets")
+        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
         if len(self._lines) > self.max_lines:
             raise ProtocolError(f"reply longer than {self.max_lines} lines")
-        if len(line) > 3 and line[3] == "-":
+        if m.group(2) == b"-":
             return None
         lines = tuple(self._lines)
         self._lines = []
         self._code = None
-        return Reply(code, lines, enhanced_of(lines[0]) if lines else None)
+        self._size = 0
+        return Reply(code, lines, enhanced_of(lines[0], code))
