@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import random
 import string
@@ -38,6 +39,7 @@ from .errors import AddressError, ConnectFailed, PhaseTimeout
 from .settings import Settings
 from .smtp.classify import Classification, Outcome, classify
 from .smtp.client import Opener, SessionResult, run_session
+from .smtp.failover import FailoverLimits, FailoverPlan
 from .smtp.reply import ProtocolError, Reply
 from .smtp.session import ProbeSession
 from .verdict import (
@@ -624,39 +626,50 @@ class Verifier:
             g.wake.set()
 
     async def _with_failover(self, g: _Group, chunk: list[_Job], budget: int, src: Source) -> SessionResult:
+        """One delivery attempt: walk the MX list, bounded like Postfix (see
+        :mod:`sounding.smtp.failover`): at most ``mx_address_limit`` addresses,
+        ``mx_session_limit`` sessions and ``mx_deadline`` seconds."""
         s = self.settings
         res: SessionResult | None = None
         exempt = frozenset(j.rcpt for j in chunk if j.kind == "postmaster")
-        for host in g.mx.hosts:
-            for ip in host.addresses:
-                sess = ProbeSession(
-                    s.helo, s.mail_from, [j.rcpt for j in chunk],
-                    per_envelope=max(len(chunk), 1), use_tls=s.use_starttls,
-                    smtputf8_needed=any(j.parsed.smtputf8 for j in chunk),
-                    unknown_budget=budget, budget_exempt=exempt)
-                self.stats.sessions += 1
-                if self.exemptions is not None and self.exemptions.mx_exempt(host.name, [ip]):
-                    continue  # opted out since the domain was planned: never connect
-                res = await run_session(sess, host.name, ip, s.smtp_port, source_ip=src.bind_ip,
-                                        timeouts=s.timeouts, opener=self._opener(src))
-                if src.proxy is not None:  # what the receiver saw, credentials never shown
-                    scheme, _, rest = src.proxy.partition("://")
-                    res.source_ip = src.egress or f"{scheme}://{rest.split('@')[-1]}"
-                if self.on_session is not None:
-                    self.on_session(res)
-                # RFC 5321 §5.1: try the next MX when this one cannot be reached or
-                # refuses at greeting with 421.
-                err = res.error
-                greet = res.outcome.greeting
-                failover = isinstance(err, ConnectFailed) or (
-                    isinstance(err, PhaseTimeout) and err.phase == "greeting") or (
-                    greet is not None and greet.code == 421
-                    and classify(greet).outcome is not Outcome.IP_BLOCKED)  # a block is about us
-                if not failover:
-                    return res
-                self.stats.failovers += 1
+        reg = self.exemptions
+        plan = FailoverPlan(g.mx.hosts, FailoverLimits(
+            s.mx_address_limit, s.mx_session_limit, s.mx_deadline), self.clock(),
+            # opted out since the domain was planned: never connect
+            skip=(lambda host, ip: reg.mx_exempt(host, [ip]) is not None) if reg else None)
+        while (target := plan.next(self.clock())) is not None:
+            host_name, ip = target
+            sess = ProbeSession(
+                s.helo, s.mail_from, [j.rcpt for j in chunk],
+                per_envelope=max(len(chunk), 1), use_tls=s.use_starttls,
+                smtputf8_needed=any(j.parsed.smtputf8 for j in chunk),
+                unknown_budget=budget, budget_exempt=exempt)
+            self.stats.sessions += 1
+            timeouts = dataclasses.replace(
+                s.timeouts, session=min(s.timeouts.session, plan.time_left(self.clock())))
+            res = await run_session(sess, host_name, ip, s.smtp_port, source_ip=src.bind_ip,
+                                    timeouts=timeouts, opener=self._opener(src))
+            plan.record(res.connected or bool(res.outcome.protocol_error))
+            if src.proxy is not None:  # what the receiver saw, credentials never shown
+                scheme, _, rest = src.proxy.partition("://")
+                res.source_ip = src.egress or f"{scheme}://{rest.split('@')[-1]}"
+            if self.on_session is not None:
+                self.on_session(res)
+            # RFC 5321 §5.1: try the next MX when this one cannot be reached or
+            # refuses at greeting with 421.
+            err = res.error
+            greet = res.outcome.greeting
+            failover = isinstance(err, ConnectFailed) or (
+                isinstance(err, PhaseTimeout) and err.phase == "greeting") or (
+                greet is not None and greet.code == 421
+                and classify(greet).outcome is not Outcome.IP_BLOCKED)  # a block is about us
+            if not failover:
+                return res
+            self.stats.failovers += 1
         if res is None:
             raise ConnectFailed("every MX address is opted out")
+        if plan.stopped:
+            res.transcript.add("*", f"failover stopped: {plan.stopped}")
         return res
 
     def _absorb(self, g: _Group, lim: _HostLimiter, chunk: list[_Job], res: SessionResult,

@@ -46,6 +46,17 @@ class Settings:
     greylist_default_delay: float = 300.0
     greylist_window: float = 7200.0
     use_starttls: bool = True
+    #: MX addresses one delivery attempt may try -- Postfix ``smtp_mx_address_limit``
+    #: (default 5, postconf(5)): "the maximal number of MX (mail exchanger) IP addresses
+    #: that can result from mail exchanger lookups". A domain listing 50 MX hosts gets 5.
+    mx_address_limit: int = 5
+    #: SMTP sessions (connections that got a reply) per delivery attempt -- Postfix
+    #: ``smtp_mx_session_limit`` (default 2): "the maximal number of SMTP sessions per
+    #: delivery request before giving up".
+    mx_session_limit: int = 2
+    #: Seconds one delivery attempt may spend walking a domain's MX list (no new
+    #: connection after it; the last session is cut to fit).
+    mx_deadline: float = 120.0
     #: Addresses read ahead of the slowest verdict (bounds memory).
     window: int = 20_000
     #: Probe postmaster@ first in each domain (RFC 5321 §4.5.1 baseline).
@@ -106,6 +117,10 @@ class Settings:
             raise ConfigError(f"invalid MAIL FROM address: {self.mail_from!r}")
         if self.max_wait < 0:
             raise ConfigError("max_wait must be >= 0")
+        if self.mx_address_limit < 1 or self.mx_session_limit < 1:
+            raise ConfigError("mx_address_limit and mx_session_limit must be >= 1 (failover is bounded)")
+        if self.mx_deadline <= 0:
+            raise ConfigError("mx_deadline must be > 0")
         if self.max_ips_per_receiver < 1:
             raise ConfigError("max_ips_per_receiver must be >= 1")
         from .courtesy.pool import Source
