@@ -1,0 +1,107 @@
+"""What a run knows about each mail domain: its probes' answers (pure).
+
+A domain's first session asks ``postmaster@`` (RFC 5321 §4.5.1: it must exist) and one random
+local part (a catch-all accepts it); every accepted client address of the domain waits for the
+random probe's answer before it may be called deliverable.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..address import ParsedAddress, parse_address
+from ..smtp.reply import Reply
+from ..verdict import CatchAll
+from .recipient import Recipient
+
+_LOCAL_CHARS = string.ascii_lowercase + string.digits
+
+
+@dataclass(eq=False)
+class DomainState:
+    """Per-domain findings within a run (``catch_all`` None until the probe answered)."""
+
+    name: str
+    created: float = 0.0
+    probe_assigned: bool = False
+    postmaster: Reply | None = None
+    catch_all: CatchAll | None = None
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        """JSON-able; ``age`` relative to ``now``."""
+        pm = self.postmaster
+        return {"name": self.name, "age": now - self.created, "probe_assigned": self.probe_assigned,
+                "postmaster": None if pm is None else {"code": pm.code, "lines": list(pm.lines),
+                                                       "enhanced": list(pm.enhanced) if pm.enhanced else None},
+                "catch_all": None if self.catch_all is None else self.catch_all.state}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], now: float) -> DomainState:
+        """Inverse of :meth:`to_dict`."""
+        pm = d.get("postmaster")
+        reply = None if pm is None else Reply(int(pm["code"]), tuple(pm["lines"]),
+                                              tuple(pm["enhanced"]) if pm.get("enhanced") else None)
+        ca = d.get("catch_all")
+        # a probe that was on the wire when its worker stopped is asked again
+        return cls(str(d["name"]), now - float(d.get("age", 0.0)), bool(d.get("probe_assigned")) and ca is not None,
+                   reply,
+                   None if ca is None else CatchAll(str(ca)))
+
+
+class DomainBook:
+    """Domain states, bounded (LRU) and relearnt after ``ttl`` seconds: servers change."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float], *, probe_postmaster: bool = True,
+                 rng: random.Random | None = None, max_domains: int = 50_000) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.probe_postmaster = probe_postmaster
+        self.rng = rng or random.SystemRandom()
+        self.max_domains = max_domains
+        self._d: OrderedDict[str, DomainState] = OrderedDict()
+
+    def get(self, name: str) -> DomainState:
+        """The domain's state (a fresh one once a finished finding is older than ``ttl``)."""
+        d = self._d.get(name)
+        if d is not None and d.catch_all is not None and self.clock() - d.created > self.ttl:
+            d = None
+        if d is None:
+            d = DomainState(name, self.clock())
+            self._d[name] = d
+            if len(self._d) > self.max_domains:
+                self._d.popitem(last=False)
+        return d
+
+    def probes(self, p: ParsedAddress) -> list[Recipient]:
+        """The control recipients of ``p``'s domain: postmaster@ (if enabled) and a random one."""
+        out = []
+        now = self.clock()
+        if self.probe_postmaster:
+            out.append(Recipient(parse_address(f"postmaster@{p.domain}"), "postmaster", first_seen=now))
+        local = "".join(self.rng.choice(_LOCAL_CHARS) for _ in range(14))
+        out.append(Recipient(parse_address(f"{local}@{p.domain}"), "probe", first_seen=now))
+        return out
+
+    def forget_open(self) -> None:
+        """A run ended: probes still open will never answer; the next run asks again."""
+        for d in self._d.values():
+            if d.catch_all is None:
+                d.probe_assigned = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every domain's findings."""
+        now = self.clock()
+        return {"domains": [d.to_dict(now) for d in self._d.values()]}
+
+    def load_dict(self, data: dict[str, Any]) -> None:
+        """Merge findings from :meth:`to_dict` (ours win where both know the domain)."""
+        now = self.clock()
+        for x in data.get("domains", []):
+            d = DomainState.from_dict(x, now)
+            if d.name not in self._d:
+                self._d[d.name] = d
