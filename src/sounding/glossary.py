@@ -30,7 +30,8 @@ REASON_MEANINGS: dict[str, str] = {
     "no_domain": "The domain does not exist (DNS NXDOMAIN).",
     "null_mx": "The domain declares that it receives no mail (null MX, RFC 7505).",
     "no_mx": "The domain has no mail server (no MX and no address record).",
-    "no_mx_address": "The mail server's name has no IP address right now.",
+    "no_mx_address": "No mail server name of the domain exists (undeliverable), or none has an IP address "
+                     "right now (unknown).",
     "mx_refused": "The mail server's address is one we never connect to (private, loopback or reserved).",
     "dns_failure": "DNS did not answer in time or answered with an error.",
     "ip_literal": "The address names an IP instead of a domain; not checked.",
@@ -60,7 +61,7 @@ REASON_MEANINGS: dict[str, str] = {
     "empty_address": "The e-mail cell is empty.",
     "no_email_column": "The row has no e-mail column (fewer cells than the header).",
     "unreadable_row": "The row could not be read (broken CSV quoting, invalid JSON line).",
-    "not_text": "The row is not text (binary data or an undecodable encoding).",
+    "not_text": "The e-mail field is not text (a JSON number, list or object).",
 }
 
 
