@@ -56,7 +56,7 @@ def greylist_retry_at(now: float, *, first_seen: float, greylisted_since: float,
     if hint is not None:
         at = now + max(hint, 0.0) + HINT_SLACK
         return at if at <= end else None  # an honest hint: nothing earlier can pass
-    at = now + plan.first_delay * 2 ** tries
+    at = now + plan.first_delay * float(2 ** tries)
     if at <= end:
         return at
     if end - now >= MIN_GAP:
