@@ -58,6 +58,8 @@ REASON_MEANINGS: dict[str, str] = {
     "connection_lost": "The mail server closed the connection before answering.",
     "receiver_paused": "Checks to this mail server are paused after it blocked us; nothing was asked.",
     # input problems (status `error`): the row holds no address to ask about
+    "session_refused": "The server refused postmaster@ (which must exist) or an address it accepted before in the "
+                       "same way: the refusal is about us or the session, not the mailbox.",
     "empty_address": "The e-mail cell is empty.",
     "no_email_column": "The row has no e-mail column (fewer cells than the header).",
     "unreadable_row": "The row could not be read (broken CSV quoting, invalid JSON line).",

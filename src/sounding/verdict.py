@@ -70,6 +70,9 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"
     CONNECTION_LOST = "connection_lost"
     PAUSED = "receiver_paused"
+    #: the server refused addresses that must exist (postmaster@, or one it accepted before)
+    #: the same way: its refusal is about us or the session, not the mailbox
+    SESSION_REFUSED = "session_refused"
     # input problems (status ``error``): the row holds no address to ask about
     EMPTY_ADDRESS = "empty_address"
     NO_EMAIL_COLUMN = "no_email_column"
@@ -145,7 +148,7 @@ _RETRY = {  # seconds after which a retry may help
     Reason.PROTOCOL_ERROR: 86400.0, Reason.REJECTED: 86400.0, Reason.TLS_REQUIRED: 86400.0,
     Reason.HELO_REJECTED: 86400.0, Reason.RELAY_DENIED: 86400.0, Reason.PAUSED: 86400.0,
     Reason.CATCH_ALL_UNKNOWN: 3600.0, Reason.MX_REFUSED: None, Reason.EXEMPT: None,
-    Reason.NO_MX_ADDRESS: 3600.0,
+    Reason.NO_MX_ADDRESS: 3600.0, Reason.SESSION_REFUSED: 86400.0,
 }
 
 _OUTCOME_REASON = {

@@ -421,6 +421,8 @@ class SMTPPersonalityServer:
             return "554 5.7.1 <" + rcpt + ">: Relay access denied", False
         if p.accept_all:
             return self._ok("rcpt"), False
+        if p.refuse_all_rcpts:
+            return self._not_exist(rcpt), False
         state = domain.mailbox_state(local)
         if state == "unknown":
             if self._harvest_strike(client):

@@ -54,6 +54,9 @@ class Personality:
     greeting_delay: float = 0.0
     #: Close the connection without a reply when the Nth RCPT arrives (1-based).
     drop_at_rcpt: int | None = None
+    #: ``550 5.1.1 User unknown`` to every RCPT, postmaster@ included: a server refusing *us*
+    #: in the words of a missing mailbox (no answer of it says anything about a mailbox).
+    refuse_all_rcpts: bool = False
     #: Answer this many RCPTs of a session, then close the connection at once (no 421):
     #: a server that drops sessions with "too many" recipients. A verifier learns the limit.
     hangup_after_rcpts: int | None = None
@@ -155,6 +158,8 @@ class Domain:
     full: frozenset[str] = frozenset()
     disabled: frozenset[str] = frozenset()
     unknown: tuple[str, ...] = ()
+    #: The domain lacks postmaster@ (against RFC 5321 §4.5.1; common on hosted domains).
+    no_postmaster: bool = False
     #: SPF record served as TXT (used by the self-audit).
     spf: str | None = None
     #: Further TXT records (e.g. a second, conflicting SPF record).
@@ -167,7 +172,7 @@ class Domain:
             return "full"
         if lp in self.disabled:
             return "disabled"
-        if lp in self.mailboxes or lp == "postmaster":
+        if lp in self.mailboxes or (lp == "postmaster" and not self.no_postmaster):
             return "ok"
         return "unknown"
 
@@ -233,6 +238,8 @@ class World:
         p = usable[0].personality
         if p.block_all:
             return Truth("unknown", "ip_blocked")
+        if p.refuse_all_rcpts and not p.accept_all:
+            return Truth("unknown", "session_refused")
         answered = min(p.drop_at_rcpt - 1 if p.drop_at_rcpt is not None else 1 << 30,
                        p.hangup_after_rcpts if p.hangup_after_rcpts is not None else 1 << 30)
         if answered < 2:
