@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from sounding.cli import app
 from sounding.courtesy.canaries import CanaryBook, reply_style
 from sounding.courtesy.exemptions import ExemptionRegistry
+from sounding.store.registry import active_entries
 from sounding.doctor import SPFError, spf_covers
 from sounding.sandbox import Sandbox, World
 from sounding.verdict import Evidence, Reason, Status, Verdict
@@ -21,6 +23,11 @@ from sounding.verdict import Evidence, Reason, Status, Verdict
 from .conftest import start_world
 
 runner = CliRunner()
+
+
+def _registry(state: Path) -> ExemptionRegistry:
+    """The active opt-outs the store in ``state`` holds (what every verifier honours)."""
+    return ExemptionRegistry(asyncio.run(active_entries(f"sqlite:///{state / 'sounding.db'}")))
 
 
 def _common(sb: dict[str, str]) -> list[str]:
@@ -47,7 +54,7 @@ def test_exempt_add_list_remove_import(tmp_path: Path) -> None:
     assert "exempt domain example.org" in r.output and "exempt cidr 10.1.0.0/16" in r.output
     r = runner.invoke(app, ["exempt", "add", "mx.hosted.example", "--mx", *st])
     assert r.exit_code == 0, r.output
-    reg = ExemptionRegistry(tmp_path / "exemptions.json")
+    reg = _registry(tmp_path)
     assert reg.domain_exempt("sub.example.org") is not None
     assert reg.mx_exempt("mx.hosted.example", []) is not None
     assert reg.mx_exempt("mx.other.example", ["10.1.2.3"]) is not None
@@ -58,14 +65,14 @@ def test_exempt_add_list_remove_import(tmp_path: Path) -> None:
     r = runner.invoke(app, ["exempt", "remove", "example.org", "nothere.example", *st])
     assert r.exit_code == 1  # one entry was not there
     assert "removed example.org" in r.output and "not found: nothere.example" in r.output
-    assert ExemptionRegistry(tmp_path / "exemptions.json").domain_exempt("example.org") is None
+    assert _registry(tmp_path).domain_exempt("example.org") is None
 
     lst = tmp_path / "optouts.txt"
     lst.write_text("# from the abuse desk\nalpha.example\n\nnot a domain!\n192.0.2.0/24\n", "utf-8")
     r = runner.invoke(app, ["exempt", "import", str(lst), *st])
     assert r.exit_code == 1, r.output  # the bad line is reported ...
     assert "2 entries added, 1 lines skipped" in r.output
-    reg = ExemptionRegistry(tmp_path / "exemptions.json")  # ... and the good ones still went in
+    reg = _registry(tmp_path)  # ... and the good ones still went in
     assert reg.domain_exempt("alpha.example") and reg.mx_exempt("x", ["192.0.2.9"])
 
 

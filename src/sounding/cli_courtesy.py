@@ -6,8 +6,9 @@ import asyncio
 import datetime as dt
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
@@ -28,11 +29,14 @@ from .cli import (
     out,
 )
 from .courtesy.canaries import CanaryBook
-from .courtesy.exemptions import ExemptionRegistry, Kind
+from .courtesy.exemptions import Kind, parse_entry
 from .courtesy.pool import SourcePool
+from .courtesy.profiles import ProfileSet
 from .engine import Verifier
-from .errors import SoundingError
+from .errors import InputError, SoundingError
 from .settings import Settings
+from .store import Store
+from .store.models import ExemptionRow
 from .verdict import Verdict
 
 exempt_app = typer.Typer(no_args_is_help=True, help="The opt-out registry (never probed).")
@@ -91,52 +95,124 @@ def _when(t: float | None) -> str:
 
 
 # ----------------------------------------------------------------------------- exempt
+ExDbOpt = Annotated[str | None, typer.Option(
+    "--db", help="The service's database (URL); default: SQLite in the data dir, as `serve` uses.")]
+T = TypeVar("T")
+
+
+def _with_registry(config: Path | None, state_dir: Path | None, db: str | None,
+                   fn: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``fn`` on the store that holds the opt-out registry (the old JSON file of the
+    state dir is imported on first use)."""
+    from .store import opened
+    from .store.registry import import_legacy
+
+    try:
+        s = _settings(config, state_dir=str(state_dir) if state_dir else None, db_url=db)
+
+        async def run() -> T:
+            async with opened(s.store_url) as st:
+                n = await import_legacy(st, s.data_dir)
+                if n:
+                    err.print(f"imported {n} entries of the old {s.data_dir / 'exemptions.json'} into the store")
+                return await fn(st)
+        return asyncio.run(run())
+    except SoundingError as exc:
+        _fail(exc)
+        raise
+
+
+def _operator_entry(text: str, kind: Kind | None) -> tuple[Kind, str]:
+    """Parse an operator's entry; public suffixes are refused even here."""
+    from .courtesy.optout import Decision, OptOutPolicy
+
+    k, v = parse_entry(text, kind)
+    if k != "cidr":
+        a = OptOutPolicy(ProfileSet.load()).assess(k, v)
+        if a.decision is Decision.REFUSED:
+            raise InputError(a.reason)
+    return k, v
+
+
 @exempt_app.command("add")
 def exempt_add(
     entries: Annotated[list[str], typer.Argument(help="Domains (subdomains included) or IP ranges (CIDR).")],
     mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names, not mail domains.")] = False,
     note: Annotated[str, typer.Option("--note", help="Who asked, when, ticket.")] = "",
-    config: CfgOpt = None, state_dir: StateOpt = None,
+    config: CfgOpt = None, state_dir: StateOpt = None, db: ExDbOpt = None,
 ) -> None:
-    """Opt domains, MX hosts or IP ranges out; effective for every run from now on."""
-    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
+    """Opt domains, MX hosts or IP ranges out (an operator's word: effective at once, for the
+    command line, the library and the service alike)."""
     kind: Kind | None = "mx" if mx else None
-    for e in entries:
-        try:
-            x = reg.add(e, kind, note)
-        except SoundingError as exc:
-            _fail(exc)
-            return
-        out.print(f"exempt {x.kind} {x.value}")
+    try:
+        parsed = [_operator_entry(e, kind) for e in entries]
+    except SoundingError as exc:
+        _fail(exc)
+        return
+
+    async def add(st: Store) -> list[ExemptionRow]:
+        return [await st.add_exemption(k, v, note, "cli", state="active", proof="operator (cli)")
+                for k, v in parsed]
+    for x in _with_registry(config, state_dir, db, add):
+        out.print(f"exempt {x.kind} {x.value} ({x.state})")
+
+
+@exempt_app.command("approve")
+def exempt_approve(
+    entries: Annotated[list[str], typer.Argument(help="Pending entries to make effective.")],
+    mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names.")] = False,
+    config: CfgOpt = None, state_dir: StateOpt = None, db: ExDbOpt = None,
+) -> None:
+    """Approve pending opt-outs (a shared provider's, waiting for proof)."""
+    async def approve(st: Store) -> list[str]:
+        done = []
+        for e in entries:
+            k, v = parse_entry(e, "mx" if mx else None)
+            row = await st.find_exemption(k, v)
+            if row is not None:
+                await st.set_exemption_state(row.id, "active", "approved by operator (cli)")
+            done.append(f"{'approved' if row is not None else 'not found:'} {e}")
+        return done
+    lines = _with_registry(config, state_dir, db, approve)
+    for line in lines:
+        out.print(line)
+    raise typer.Exit(1 if any(x.startswith("not found") for x in lines) else 0)
 
 
 @exempt_app.command("remove")
 def exempt_remove(
     entries: Annotated[list[str], typer.Argument(help="Entries to remove.")],
     mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names.")] = False,
-    config: CfgOpt = None, state_dir: StateOpt = None,
+    config: CfgOpt = None, state_dir: StateOpt = None, db: ExDbOpt = None,
 ) -> None:
     """Remove opt-out entries."""
-    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
-    missing = 0
-    for e in entries:
-        try:
-            gone = reg.remove(e, "mx" if mx else None)
-        except SoundingError as exc:
-            _fail(exc)
-            return
+    async def remove(st: Store) -> list[bool]:
+        gone = []
+        for e in entries:
+            k, v = parse_entry(e, "mx" if mx else None)
+            row = await st.find_exemption(k, v)
+            if row is None and not mx and k == "domain":
+                row = await st.find_exemption("mx", v)
+            gone.append(row is not None and await st.remove_exemption(row.id))
+        return gone
+    try:
+        results = _with_registry(config, state_dir, db, remove)
+    except InputError as exc:
+        _fail(exc)
+        return
+    for e, gone in zip(entries, results, strict=True):
         out.print(f"{'removed' if gone else 'not found:'} {e}")
-        missing += not gone
-    raise typer.Exit(1 if missing else 0)
+    raise typer.Exit(0 if all(results) else 1)
 
 
 @exempt_app.command("list")
-def exempt_list(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
-    """Show the registry."""
-    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
-    t = Table("kind", "value", "added", "note")
-    for e in reg.entries():
-        t.add_row(e.kind, e.value, _when(e.added), e.note)
+def exempt_list(config: CfgOpt = None, state_dir: StateOpt = None, db: ExDbOpt = None) -> None:
+    """Show the registry: each entry's state (active or pending) and how it was proved."""
+    rows = _with_registry(config, state_dir, db, lambda st: st.exemptions())
+    t = Table("kind", "value", "state", "proof", "added", "via", "note")
+    for e in rows:
+        t.add_row(e.kind, e.value, e.state, e.proof or (f"waiting: {e.why}" if e.state == "pending" else ""),
+                  _when(e.added), e.source, e.note)
     out.print(t)
 
 
@@ -144,16 +220,33 @@ def exempt_list(config: CfgOpt = None, state_dir: StateOpt = None) -> None:
 def exempt_import(
     file: Annotated[Path, typer.Argument(help="One domain or CIDR per line ('-' = stdin; # comments).")],
     mx: Annotated[bool, typer.Option("--mx", help="The names are MX host names.")] = False,
-    config: CfgOpt = None, state_dir: StateOpt = None,
+    config: CfgOpt = None, state_dir: StateOpt = None, db: ExDbOpt = None,
 ) -> None:
     """Import many entries; bad lines are reported, the good ones still go in."""
-    reg = ExemptionRegistry(_state(config, state_dir) / "exemptions.json")
     try:
         lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text("utf-8").splitlines()
     except OSError as exc:
         _fail(SoundingError(f"cannot read {file}: {exc.strerror or exc}"))
         return
-    added, errors = reg.import_lines(lines, "mx" if mx else None)
+    good: list[tuple[Kind, str]] = []
+    errors: list[str] = []
+    for n, line in enumerate(lines, 1):
+        t = line.split("#", 1)[0].strip().strip(",")
+        if not t:
+            continue
+        try:
+            good.append(_operator_entry(t, "mx" if mx else None))
+        except SoundingError as exc:
+            errors.append(f"line {n}: {exc}")
+
+    async def add(st: Store) -> int:
+        added = 0
+        for k, v in good:
+            if await st.find_exemption(k, v) is None:
+                added += 1
+            await st.add_exemption(k, v, "import", "cli", state="active", proof="operator (cli import)")
+        return added
+    added = _with_registry(config, state_dir, db, add)
     for e in errors:
         err.print(f"[yellow]skipped[/yellow] {e}")
     out.print(f"{added} entries added, {len(errors)} lines skipped")

@@ -52,7 +52,7 @@ def _with_store(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
     from .store import opened
 
     async def go() -> T:
-        async with opened(s.db_url) as st:
+        async with opened(s.store_url) as st:
             return await fn(st)
 
     try:

@@ -8,7 +8,8 @@ Rules (RFC 5321 §5.1, RFC 7505):
 * NXDOMAIN: the domain does not exist. SERVFAIL, timeouts and refusals are *failures*
   (unknown), never evidence of absence.
 * MX hosts without addresses are skipped. Addresses in private, loopback, link-local,
-  multicast or reserved ranges are refused unless ``allow_private`` (the sandbox).
+  site-local, multicast or reserved ranges (also wrapped in 6to4, Teredo, NAT64 or
+  IPv4-mapped IPv6 addresses) are refused unless ``allow_private`` (the sandbox).
 * When no MX host has an address: if every MX host *name* does not exist (NXDOMAIN for its
   A and AAAA queries) the mail cannot be delivered -- every MTA bounces it (RFC 5321 §5.1;
   Postfix: 5.4.4 "Host or domain name not found") -- so it is ``MX_HOSTS_MISSING``; a
@@ -32,7 +33,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .errors import ConfigError
+from .errors import ConfigError, DNSFailure
 
 
 class MxStatus(StrEnum):
@@ -74,11 +75,50 @@ class MxResult:
         return tuple(h.name for h in self.hosts)
 
 
+_NAT64_WKP = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 §2.1: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local use, never global
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # RFC 3879 deprecated it; never routable
+_V4_COMPAT = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1 (deprecated) IPv4-compatible
+
+
+def _embedded_v4(a: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries to a host behind it: IPv4-mapped (RFC 4291
+    §2.5.5.2) and IPv4-compatible, 6to4 (RFC 3056 §2: 2002:V4ADDR::/48), Teredo (RFC 4380 §4:
+    the server and the obfuscated client) and NAT64 (RFC 6052)."""
+    out: list[ipaddress.IPv4Address] = []
+    if a.ipv4_mapped is not None:
+        out.append(a.ipv4_mapped)
+    if a in _V4_COMPAT and int(a) > 1:
+        out.append(ipaddress.IPv4Address(int(a) & 0xFFFFFFFF))
+    if a.sixtofour is not None:
+        out.append(a.sixtofour)
+    if a.teredo is not None:
+        out.extend(a.teredo)
+    if a in _NAT64_WKP:
+        out.append(ipaddress.IPv4Address(int(a) & 0xFFFFFFFF))
+    return out
+
+
 def is_public_address(ip: str) -> bool:
-    """False for private, loopback, link-local, multicast, reserved and unspecified ranges."""
+    """False for private, loopback, link-local, site-local, multicast, reserved and
+    unspecified ranges — also when such an address hides inside an IPv6 one (IPv4-mapped or
+    -compatible, 6to4, Teredo, NAT64): a connection there reaches the hidden host (SSRF)."""
     a = ipaddress.ip_address(ip)
+    if not _plain_public(a):
+        return False
+    if isinstance(a, ipaddress.IPv6Address):
+        if a in _SITE_LOCAL or a in _NAT64_LOCAL:
+            return False
+        if a.teredo is not None:
+            return False  # a tunnel endpoint is nobody's mail server; and it unwraps to anything
+        return all(_plain_public(v4) for v4 in _embedded_v4(a))
+    return True
+
+
+def _plain_public(a: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not (a.is_private or a.is_loopback or a.is_link_local or a.is_multicast
-                or a.is_reserved or a.is_unspecified or not a.is_global)
+                or a.is_reserved or a.is_unspecified or not a.is_global
+                or (isinstance(a, ipaddress.IPv6Address) and a.is_site_local))
 
 
 def parse_nameserver(spec: str) -> tuple[str, int]:
@@ -112,6 +152,21 @@ def make_resolver(nameservers: Sequence[tuple[str, int]] | None = None, *, timeo
     r.timeout = timeout
     r.lifetime = lifetime
     return r
+
+
+async def txt_strings(name: str, nameservers: Sequence[tuple[str, int]] | None = None, *,
+                      timeout: float = 5.0) -> list[str]:
+    """The TXT records at ``name`` (each record's strings joined, RFC 7208 §3.3 style); none
+    for NXDOMAIN or no data. Other failures raise :class:`DNSFailure`."""
+    r = make_resolver(nameservers, timeout=timeout, lifetime=timeout * 2)
+    r.cache = None  # a proof just published must be seen now
+    try:
+        ans = await r.resolve(name, "TXT", search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException as exc:
+        raise DNSFailure(f"TXT {name}: {type(exc).__name__}") from exc
+    return [b"".join(rd.strings).decode("utf-8", "replace") for rd in ans]
 
 
 class MxResolver:

@@ -102,8 +102,10 @@ class Verifier:
         self.pool = pool
         self.profiles = profiles or ProfileSet.load(s.profiles_file, base=Profile(
             "default", s.per_host_sessions, s.rcpts_per_session, s.session_gap, s.unknown_rcpts_per_minute))
-        if exemptions is None and state is not None:
-            exemptions = ExemptionRegistry(state / "exemptions.json")
+        if exemptions is None:  # the opt-outs of the store (the data dir's, or settings.db_url)
+            from .store.registry import registry_for
+
+            exemptions = registry_for(s)
         self.exemptions = exemptions
         self.prober = Prober(s, self.stats, opener=opener, exemptions=lambda: self.exemptions,
                              on_session=lambda: self.on_session, clock=clock)
@@ -129,6 +131,8 @@ class Verifier:
         """Verify many addresses; yield verdicts as they finish (each has ``index``)."""
         out: asyncio.Queue[Verdict] = asyncio.Queue()
         self._out = out
+        if self.exemptions is not None:
+            await self.exemptions.refresh()  # an unreadable registry stops us: opt-outs are a promise
         await self.self_check()
         checker = asyncio.create_task(self._recheck_loop())
         window = asyncio.Semaphore(self.settings.window)
@@ -300,6 +304,8 @@ class Verifier:
                 self._finish(j, unknown(j.rcpt, Reason.IP_LITERAL, flags=flags_of(j.parsed),
                                         **kw_of(j.parsed)), inflight)
             return
+        if self.exemptions is not None:
+            await self.exemptions.refresh(strict=False)  # every 30 s at most: new opt-outs count
         if self.exemptions is not None and self.exemptions.domain_exempt(domain) is not None:
             self._skip_exempt(jobs, inflight)  # opted out: not even its DNS is asked
             return

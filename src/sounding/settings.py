@@ -1,9 +1,17 @@
-"""One settings object: defaults <- TOML file <- ``SOUNDING_*`` environment <- explicit values."""
+"""One settings object: defaults <- TOML file <- ``SOUNDING_*`` environment <- explicit values.
+
+``Settings()`` in a program loads exactly what the command line loads (the config file named by
+``SOUNDING_CONFIG``, the ``SOUNDING_*`` variables and the data directory), with the values
+passed explicitly on top; :func:`load_settings` does the same with an explicit file and
+environment. Values are checked when they load (:class:`ConfigError`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,11 +107,35 @@ class Settings:
     #: Secret for CSRF tokens and session cookies (None: random per process).
     secret_key: str | None = None
 
+    def __post_init__(self) -> None:
+        # Accept the forms people write: "127.0.0.1:5353", "[::1]:53", a bare address.
+        ns = self.nameservers
+        if isinstance(ns, str):
+            ns = tuple(x for x in ns.split(",") if x.strip())
+        fixed = tuple(parse_nameserver(x) if isinstance(x, str) else (str(x[0]), int(x[1])) for x in ns)
+        object.__setattr__(self, "nameservers", fixed)
+        for name in ("source_ips", "accept_all_providers", "dnsbl_zones"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                object.__setattr__(self, name, tuple(x.strip() for x in v.split(",") if x.strip()))
+            elif isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
+        self.validate()
+
+    @property
+    def data_dir(self) -> Path:
+        """Where state lives: ``state_dir``, else the user's data directory."""
+        return Path(self.state_dir) if self.state_dir else default_state_dir()
+
+    @property
+    def store_url(self) -> str:
+        """The database: ``db_url``, else SQLite in the data directory (what ``serve`` and the
+        ``exempt`` commands use when no ``--db`` is given)."""
+        return self.db_url or f"sqlite+aiosqlite:///{self.data_dir / 'sounding.db'}"
+
     def with_(self, **changes: Any) -> Settings:
         """A copy with changes (validated)."""
-        s = dataclasses.replace(self, **changes)
-        s.validate()
-        return s
+        return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
@@ -111,10 +143,8 @@ class Settings:
             raise ConfigError("concurrency, per_host_sessions and rcpts_per_session must be >= 1")
         if not 0 < self.smtp_port < 65536:
             raise ConfigError(f"invalid SMTP port {self.smtp_port}")
-        if "." not in self.helo or any(c.isspace() for c in self.helo):
-            raise ConfigError(f"HELO name must be a fully qualified domain name: {self.helo!r}")
-        if "@" not in self.mail_from or any(c in self.mail_from for c in "\r\n\0<> "):
-            raise ConfigError(f"invalid MAIL FROM address: {self.mail_from!r}")
+        check_helo(self.helo)
+        check_mail_from(self.mail_from)
         if self.max_wait < 0:
             raise ConfigError("max_wait must be >= 0")
         if self.mx_address_limit < 1 or self.mx_session_limit < 1:
@@ -127,6 +157,53 @@ class Settings:
 
         for src in self.source_ips:
             Source.parse(src)
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}(\.{_ATEXT})*$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.I)
+
+
+def check_helo(name: str) -> None:
+    """The EHLO argument (RFC 5321 §4.1.1.1, §2.3.5): a fully qualified domain name of
+    letters, digits and hyphens, or an address literal ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]``
+    (§4.1.3). Anything else (NUL, TAB, U+2028, ``/../<x>;DATA``) is refused."""
+    if not isinstance(name, str) or not name or not name.isascii() or not name.isprintable():
+        raise ConfigError(f"HELO name must be printable ASCII: {name!r}")
+    if name.startswith("[") and name.endswith("]"):
+        lit = name[1:-1]
+        try:
+            if lit.lower().startswith("ipv6:"):
+                ipaddress.IPv6Address(lit[5:])
+            else:
+                ipaddress.IPv4Address(lit)
+        except ValueError:
+            raise ConfigError(f"HELO address literal is not valid: {name!r}") from None
+        return
+    labels = name.rstrip(".").split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.match(x) for x in labels) or labels[-1].isdigit():
+        raise ConfigError(f"HELO name must be a fully qualified domain name (letters, digits, hyphens; "
+                          f"RFC 5321 §2.3.5): {name!r}")
+
+
+def check_mail_from(address: str) -> None:
+    """The envelope sender: one valid address in printable ASCII (RFC 5321 §4.1.2; a UTF-8
+    sender would need SMTPUTF8 on every session, which Sounding only asks for RCPTs that need it)."""
+    if not isinstance(address, str) or not address or not all("!" <= c <= "~" for c in address):
+        raise ConfigError(f"MAIL FROM must be a printable ASCII address without spaces: {address!r}")
+    if any(c in address for c in '<>"\\'):
+        raise ConfigError(f"MAIL FROM must be a plain address (no brackets, quotes or backslashes): {address!r}")
+    local, at, domain = address.rpartition("@")
+    if not at or not _DOT_ATOM.match(local) or len(local) > 64:
+        raise ConfigError(f"invalid MAIL FROM address {address!r}: the local part must be a dot-atom "
+                          f"(RFC 5322 §3.2.3)")
+    try:
+        check_helo(domain)
+    except ConfigError:
+        raise ConfigError(f"invalid MAIL FROM address {address!r}: the domain must be a fully "
+                          f"qualified domain name") from None
+    if domain.startswith("["):
+        raise ConfigError(f"invalid MAIL FROM address {address!r}: use a domain, not an address literal")
 
 
 _TIMEOUT_KEYS = {"connect_timeout": "connect", "greeting_timeout": "greeting",
@@ -162,14 +239,11 @@ def default_state_dir() -> Path:
     return Path(base) / "sounding"
 
 
-def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None,
-                  **overrides: Any) -> Settings:
-    """Build settings: defaults, then the TOML file (``[sounding]`` table or top level),
-    then ``SOUNDING_<NAME>`` variables, then ``overrides`` (``None`` values ignored)."""
-    env = os.environ if env is None else env
+def _file_and_environment(config: str | Path | None, env: Mapping[str, str]) -> dict[str, Any]:
+    """Values from the TOML file (``config`` or ``SOUNDING_CONFIG``) and ``SOUNDING_*`` variables,
+    with the timeouts gathered under ``"timeouts"`` (a dict)."""
     values: dict[str, Any] = {}
     timeouts: dict[str, float] = {}
-    names = {f.name for f in dataclasses.fields(Settings)} - {"timeouts"}
     path = config or env.get("SOUNDING_CONFIG")
     if path:
         try:
@@ -180,8 +254,8 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         for k, v in data.items():
             k = k.replace("-", "_")
             if k in _TIMEOUT_KEYS:
-                timeouts[_TIMEOUT_KEYS[k]] = float(v)
-            elif k in names:
+                timeouts[_TIMEOUT_KEYS[k]] = _coerce("max_wait", v)
+            elif k in _NAMES:
                 values[k] = _coerce(k, v)
             else:
                 raise ConfigError(f"unknown setting {k!r} in {path}")
@@ -191,19 +265,59 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         name = k[len("SOUNDING_"):].lower()
         if name in _TIMEOUT_KEYS:
             timeouts[_TIMEOUT_KEYS[name]] = _coerce("max_wait", v)
-        elif name in names:
+        elif name in _NAMES:
             values[name] = _coerce(name, v)
+    if timeouts:
+        values["timeouts"] = timeouts
+    return values
+
+
+def _build(values: dict[str, Any]) -> Settings:
+    """Settings from exactly these values (no file or environment read)."""
+    values = dict(values)
+    if isinstance(values.get("timeouts"), dict):
+        values["timeouts"] = dataclasses.replace(Timeouts(), **values["timeouts"])
+    obj = object.__new__(Settings)
+    _dataclass_init(obj, **values)
+    return obj
+
+
+def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Build settings: defaults, then the TOML file (``[sounding]`` table or top level),
+    then ``SOUNDING_<NAME>`` variables, then ``overrides`` (``None`` values ignored)."""
+    values = _file_and_environment(config, os.environ if env is None else env)
+    timeouts: dict[str, float] = values.pop("timeouts", {})
     for k, v in overrides.items():
         if v is None:
             continue
         if k in _TIMEOUT_KEYS:
             timeouts[_TIMEOUT_KEYS[k]] = float(v)
-        elif k in names:
+        elif k in _NAMES:
             values[k] = _coerce(k, v) if isinstance(v, (str, list, tuple)) else v
         else:
             raise ConfigError(f"unknown setting {k!r}")
     if timeouts:
-        values["timeouts"] = dataclasses.replace(Timeouts(), **timeouts)
-    s = Settings(**values)
-    s.validate()
-    return s
+        values["timeouts"] = timeouts
+    return _build(values)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Settings) if f.init)
+_NAMES = frozenset(_FIELDS) - {"timeouts"}
+_dataclass_init = Settings.__init__
+
+
+def _settings_init(self: Settings, *args: Any, **kw: Any) -> None:
+    """``Settings(**values)``: the config file and ``SOUNDING_*`` environment (as the command
+    line reads them) and the user's data directory, with ``values`` on top."""
+    kw.update(zip(_FIELDS, args, strict=False))
+    if not _NAMES <= kw.keys():  # a full copy (dataclasses.replace) reads nothing
+        base = _file_and_environment(None, os.environ)
+        if isinstance(base.get("timeouts"), dict):
+            base["timeouts"] = dataclasses.replace(Timeouts(), **base["timeouts"])
+        base.setdefault("state_dir", str(default_state_dir()))
+        kw = {**base, **kw}
+    _dataclass_init(self, **kw)
+
+
+setattr(Settings, "__init__", _settings_init)  # noqa: B010 - keep the dataclass's signature for type checkers

@@ -2,22 +2,23 @@
 
 An exempt address is never probed: no SMTP session to an exempt domain, to an exempt MX host
 name (or one of its subdomains) or to an MX address inside an exempt range. Its verdict is
-unknown with reason ``exempt``. The registry is a JSON file (the store holds it later); every
-change is written at once, atomically.
+unknown with reason ``exempt``. The entries live in the store (SQLite in the data directory
+by default, PostgreSQL by URL): one registry for the command line, the library, the service and
+its pages; this module holds the in-memory lookup and the entry grammar.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
-import os
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, SoundingError
 
 Kind = Literal["domain", "mx", "cidr"]
 
@@ -60,73 +61,69 @@ def parse_entry(text: str, kind: Kind | None = None) -> tuple[Kind, str]:
 
 
 class ExemptionRegistry:
-    """Lookups are by suffix for names and by containment for addresses."""
+    """The active opt-out entries, in memory; lookups are by suffix for names and by
+    containment for addresses.  A domain entry covers that domain and its subdomains as
+    mail domains only — never other domains through a shared MX (MX host and IP-range
+    entries do that).
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else None
+    ``loader`` (async, returning the active entries) is where the entries live — the store,
+    one registry for the command line, the library, the service and the pages;
+    :meth:`refresh` calls it at most every ``max_age`` seconds.
+    """
+
+    def __init__(self, entries: Iterable[Exemption] = (), *,
+                 loader: Callable[[], Awaitable[list[Exemption]]] | None = None,
+                 max_age: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: dict[tuple[Kind, str], Exemption] = {}
-        self._mtime = 0.0
-        if self.path is not None and self.path.exists():
-            self._load()
+        self._loader = loader
+        self._max_age = max_age
+        self._clock = clock
+        self._loaded_at: float | None = None
+        self._lock = asyncio.Lock()
+        self.replace_all(entries)
 
     # ------------------------------------------------------------------ changes
+    def replace_all(self, entries: Iterable[Exemption]) -> None:
+        """Take the whole set from elsewhere (the store)."""
+        self._entries = {(e.kind, e.value): e for e in entries}
+
     def add(self, text: str, kind: Kind | None = None, note: str = "") -> Exemption:
-        """Add one entry (idempotent); it takes effect immediately."""
-        self._refresh()
+        """Add one entry to this in-memory set (the store is where entries are kept)."""
         k, v = parse_entry(text, kind)
         e = self._entries.get((k, v)) or Exemption(k, v, note[:200], time.time())
         self._entries[(k, v)] = e
-        self._save()
         return e
 
-    def remove(self, text: str, kind: Kind | None = None) -> bool:
-        """Remove one entry; True if it was there."""
-        self._refresh()
-        k, v = parse_entry(text, kind)
-        gone = self._entries.pop((k, v), None) is not None
-        if not gone and kind is None and k == "domain":
-            gone = self._entries.pop(("mx", v), None) is not None
-        self._save()
-        return gone
-
-    def replace_all(self, entries: Iterable[Exemption]) -> None:
-        """Take the whole registry from elsewhere (the service's database)."""
-        self._entries = {(e.kind, e.value): e for e in entries}
-        self._save()
-
-    def import_lines(self, lines: Iterable[str], kind: Kind | None = None) -> tuple[int, list[str]]:
-        """Add one entry per line (``#`` comments and blank lines skipped); (added, errors)."""
-        added, errors = 0, []
-        for n, line in enumerate(lines, 1):
-            t = line.split("#", 1)[0].strip().strip(",")
-            if not t:
-                continue
+    async def refresh(self, *, force: bool = False, strict: bool = True) -> None:
+        """Reload from the loader when the copy is older than ``max_age`` (or ``force``).
+        A loader error is raised (``strict``), or leaves the last copy in place."""
+        if self._loader is None:
+            return
+        async with self._lock:
+            now = self._clock()
+            if not force and self._loaded_at is not None and now - self._loaded_at < self._max_age:
+                return
             try:
-                k, v = parse_entry(t, kind)
-            except InputError as exc:
-                errors.append(f"line {n}: {exc}")
-                continue
-            if (k, v) not in self._entries:
-                self._entries[(k, v)] = Exemption(k, v, "import", time.time())
-                added += 1
-        self._save()
-        return added, errors
+                self.replace_all(await self._loader())
+            except SoundingError:
+                if strict or self._loaded_at is None:
+                    raise
+            self._loaded_at = now
 
     def entries(self) -> list[Exemption]:
         """Every entry, sorted."""
-        self._refresh()
         return sorted(self._entries.values(), key=lambda e: (e.kind, e.value))
 
     # ------------------------------------------------------------------ lookups
     def domain_exempt(self, domain: str) -> Exemption | None:
-        """The entry covering ``domain`` (itself or a parent domain), if any."""
-        self._refresh()
+        """The entry covering the mail domain ``domain`` (itself or a parent domain), if any."""
         return self._suffix("domain", domain)
 
     def mx_exempt(self, host: str, addresses: Iterable[str] = ()) -> Exemption | None:
-        """The entry covering an MX host by name or by one of its addresses."""
-        self._refresh()
-        e = self._suffix("mx", host) or self._suffix("domain", host)
+        """The MX-host or IP-range entry covering an MX host by name or by one of its addresses.
+        Domain entries do not count here: an opt-out of ``example.com`` must not switch off
+        every domain whose mail ``mx.example.com`` happens to serve."""
+        e = self._suffix("mx", host)
         if e is not None:
             return e
         nets = [(ipaddress.ip_network(v), x) for (k, v), x in self._entries.items() if k == "cidr"]
@@ -149,30 +146,38 @@ class ExemptionRegistry:
                 return e
         return None
 
-    # ------------------------------------------------------------------ file
-    def _load(self) -> None:
-        assert self.path is not None
-        try:
-            data = json.loads(self.path.read_text("utf-8"))
-            self._entries = {(e["kind"], e["value"]): Exemption(**e) for e in data.get("entries", [])}
-            self._mtime = self.path.stat().st_mtime
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"exemption registry {self.path} is unreadable: {exc}") from exc
 
-    def _refresh(self) -> None:
-        """Pick up changes another process (the web opt-out form) wrote."""
-        if self.path is not None and self.path.exists() and self.path.stat().st_mtime != self._mtime:
-            self._load()
+def read_legacy_json(path: str | Path) -> list[Exemption]:
+    """The entries of the JSON file older versions of ``sounding exempt`` kept in the state
+    directory (imported into the store once)."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+        out = []
+        for e in data.get("entries", []):
+            k, v = parse_entry(str(e["value"]), e.get("kind"))
+            out.append(Exemption(k, v, str(e.get("note", "")), float(e.get("added") or 0.0)))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, InputError) as exc:
+        raise ConfigError(f"exemption file {path} is unreadable: {exc}") from exc
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"entries": [asdict(e) for e in self.entries_unlocked()]}, indent=1), "utf-8")
-        os.replace(tmp, self.path)
-        self._mtime = self.path.stat().st_mtime
 
-    def entries_unlocked(self) -> list[Exemption]:
-        """Entries without re-reading the file."""
-        return sorted(self._entries.values(), key=lambda e: (e.kind, e.value))
+def proof_name(kind: str, value: str) -> str:
+    """Where the requester publishes the proof TXT record: ``_sounding-optout.<name>`` for a
+    domain or MX host; for a range, under its reverse zone (RFC 1035 §3.5, RFC 3596 §2.5),
+    which only the range's holder controls: the enclosing octet (IPv4) or nibble (IPv6)."""
+    if kind != "cidr":
+        return f"{PROOF_LABEL}.{value}"
+    net = ipaddress.ip_network(value, strict=False)
+    if net.version == 4:
+        octets = str(net.network_address).split(".")[: max(1, net.prefixlen // 8)]
+        return f"{PROOF_LABEL}." + ".".join(reversed(octets)) + ".in-addr.arpa"
+    nibbles = net.network_address.exploded.replace(":", "")[: max(1, net.prefixlen // 4)]
+    return f"{PROOF_LABEL}." + ".".join(reversed(nibbles)) + ".ip6.arpa"
+
+
+PROOF_LABEL = "_sounding-optout"
+
+
+def proof_text(token: str) -> str:
+    """The TXT record's text that proves control."""
+    return f"sounding-optout={token}"

@@ -1,6 +1,6 @@
 """Authoritative DNS for a sandbox world (dnslib, UDP and TCP, in threads).
 
-It answers MX (and null MX, RFC 7505), A, TXT (SPF), PTR and a DNSBL zone in the RFC 5782
+It answers MX (and null MX, RFC 7505), A, TXT (SPF, and any name's ``extra_txt``), PTR and a DNSBL zone in the RFC 5782
 convention (reversed octets + zone; ``2.0.0.127.<zone>`` is the mandatory test point).
 Domains marked ``servfail`` answer SERVFAIL, ``timeout`` never answer, ``nxdomain`` and every
 unknown name answer NXDOMAIN.
@@ -77,6 +77,15 @@ class WorldResolver(BaseResolver):  # type: ignore[misc]
                 reply.header.rcode = RCODE.NXDOMAIN
             return reply
 
+        texts = w.extra_txt.get(qname)
+        if texts is not None and not w.domains.get(qname):
+            if qtype in ("TXT", "ANY"):
+                for t in texts:
+                    reply.add_answer(RR(q.qname, QTYPE.TXT, ttl=0, rdata=TXT(t)))
+            else:
+                reply.add_auth(self._soa(qname))  # NOERROR/NODATA
+            return reply
+
         dom = w.domains.get(qname)
         if dom is not None:
             if dom.dns == "timeout":
@@ -119,7 +128,7 @@ class WorldResolver(BaseResolver):  # type: ignore[misc]
         if qtype == "AAAA":
             for ip in extra or ():
                 if ipaddress.ip_address(ip).version == 6:
-                    reply.add_answer(RR(q.qname, QTYPE.AAAA, ttl=ttl, rdata=AAAA(ip)))
+                    reply.add_answer(RR(q.qname, QTYPE.AAAA, ttl=ttl, rdata=AAAA(ipaddress.ip_address(ip).exploded)))
         if qtype in ("TXT", "ANY") and dom is not None:
             for txt in ([dom.spf] if dom.spf else []) + list(dom.txt):
                 reply.add_answer(RR(q.qname, QTYPE.TXT, ttl=ttl, rdata=TXT(txt)))

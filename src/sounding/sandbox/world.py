@@ -197,6 +197,8 @@ class World:
     #: extra PTR records (IP -> name) and A records (name -> IPs), e.g. for the probe pool
     ptr: dict[str, str] = field(default_factory=dict)
     extra_a: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: TXT records at any name (e.g. ``_sounding-optout.<domain>``); may change while it runs
+    extra_txt: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ttl: int = 300
 
     # ----------------------------------------------------------------- queries
@@ -318,6 +320,8 @@ class World:
         world.ptr = {str(k): str(v) for k, v in (data.get("ptr") or {}).items()}
         for name, ips in (data.get("a") or {}).items():
             world.extra_a[str(name).lower()] = tuple(ips if isinstance(ips, list) else [ips])
+        for name, texts in (data.get("txt") or {}).items():
+            world.extra_txt[str(name).lower()] = tuple(str(t) for t in (texts if isinstance(texts, list) else [texts]))
         try:
             for name, spec in (data.get("hosts") or {}).items():
                 spec = dict(spec or {})

@@ -104,6 +104,9 @@ class ExemptionOut(BaseModel):
     note: str
     source: str
     added: float
+    state: Literal["active", "pending"] = Field(description="active: honoured; pending: waits for proof")
+    proof: str = Field(description="How an active entry was proved (DNS TXT record, operator, ...)")
+    why: str = Field("", description="Why a pending entry waits (a shared provider)")
 
 
 # ------------------------------------------------------------------------------ app
@@ -114,7 +117,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        st = store or await Store.open(s.db_url)
+        st = store or await Store.open(s.store_url)
         svc = service or Service(s, st, worker=worker)
         await svc.start()
         app.state.store, app.state.service, app.state.settings = st, svc, s
@@ -411,6 +414,17 @@ def _api_router() -> Any:
             raise Problem(422, "Invalid exemption", str(exc)) from exc
         return _ex(row)
 
+    @r.post("/exemptions/{exemption_id}/approve", response_model=ExemptionOut,
+            responses=_problems(401, 422, 403, 404), summary="Approve a pending opt-out (effective at once)")
+    async def approve_exemption(exemption_id: int, request: Request, op: OperatorDep) -> dict[str, Any]:
+        service = svc(request)
+        if not -(2**31) <= exemption_id < 2**31 or not await service.approve_exemption(exemption_id, op.name):
+            raise Problem(404, "Not Found", "no such exemption")
+        row = await service.store.exemption(exemption_id)
+        if row is None:
+            raise Problem(404, "Not Found", "no such exemption")
+        return _ex(row)
+
     @r.delete("/exemptions/{exemption_id}", status_code=204, responses=_problems(401, 422, 403, 404),
               summary="Remove an opt-out entry", response_class=Response)
     async def delete_exemption(exemption_id: int, request: Request, _: OperatorDep) -> Response:
@@ -435,4 +449,5 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _ex(e: Any) -> dict[str, Any]:
-    return {"id": e.id, "kind": e.kind, "value": e.value, "note": e.note, "source": e.source, "added": e.added}
+    return {"id": e.id, "kind": e.kind, "value": e.value, "note": e.note, "source": e.source, "added": e.added,
+            "state": e.state if e.state in ("active", "pending") else "pending", "proof": e.proof, "why": e.why}

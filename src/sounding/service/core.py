@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..address import parse_address
-from ..courtesy.exemptions import Exemption, ExemptionRegistry, Kind, parse_entry
+from ..courtesy.exemptions import Exemption, ExemptionRegistry, Kind, parse_entry, proof_name, proof_text
+from ..courtesy.optout import Assessment, Decision, OptOutPolicy
+from ..dns import txt_strings
 from ..engine import Verifier
-from ..errors import AddressError, InputError
+from ..errors import AddressError, DNSFailure, InputError
 from ..listio import ListReader
 from ..settings import Settings
 from ..smtp.client import SessionResult
 from ..store import Store
 from ..store.models import Client, ExemptionRow, Job
+from ..store.registry import as_exemption
 from ..verdict import Evidence, Reason, Status, Verdict, unparseable
 from .dispatch import Dispatcher
 
@@ -129,9 +132,10 @@ class Service:
                  verifier: Verifier | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.exemptions = ExemptionRegistry(None)
+        self.exemptions = ExemptionRegistry(loader=self._active_exemptions, max_age=5.0)
         self.verifier = verifier or Verifier(settings.with_(state_dir=None), exemptions=self.exemptions)
         self.verifier.exemptions = self.exemptions
+        self.optout = OptOutPolicy(self.verifier.profiles)
         self.dispatcher = Dispatcher(self.verifier)
         self.dispatcher.on_session.append(self._on_session)
         self.owner = f"worker-{secrets.token_hex(6)}"
@@ -183,6 +187,9 @@ class Service:
                 with contextlib.suppress(Exception):
                     await self._save_pool()
                     await self.refresh_exemptions()  # entries other processes added
+            if n % 60 == 0:
+                with contextlib.suppress(Exception):
+                    await self.check_proofs()  # pending opt-outs whose TXT proof appeared
 
     async def _save_pool(self) -> None:
         d = self.verifier.pool.to_dict()
@@ -208,22 +215,77 @@ class Service:
                 await self.store.add_sessions(batch)
 
     # ------------------------------------------------------------------ exemptions
+    async def _active_exemptions(self) -> list[Exemption]:
+        return [as_exemption(r) for r in await self.store.exemptions("active")]
+
     async def refresh_exemptions(self) -> None:
-        rows = await self.store.exemptions()
-        self.exemptions.replace_all(Exemption(_kind(r.kind), r.value, r.note, r.added) for r in rows)
+        await self.exemptions.refresh(force=True)
 
     async def add_exemption(self, text: str, kind: Kind | None = None, note: str = "",
                             source: str = "operator") -> ExemptionRow:
-        """Store an opt-out and apply it at once (InputError when ``text`` is not valid)."""
+        """An operator's opt-out (API, CLI): effective at once — except a public suffix, which
+        is refused (InputError, like an entry that is not valid)."""
         k, v = parse_entry(text, kind)
-        row = await self.store.add_exemption(k, v, note, source)
-        self.exemptions.replace_all([*self.exemptions.entries(), Exemption(k, v, note, row.added)])
+        a = self.optout.assess(k, v)
+        if a.decision is Decision.REFUSED and k != "cidr":
+            raise InputError(a.reason)
+        row = await self.store.add_exemption(k, v, note, source, state="active", proof=f"operator ({source})")
+        await self.refresh_exemptions()
         return row
+
+    async def request_optout(self, text: str, kind: Kind | None = None, *, contact: str = "",
+                             note: str = "") -> tuple[Assessment, ExemptionRow | None]:
+        """A public opt-out request: a public suffix is refused; a shared provider's entry is
+        stored *pending* with a proof token; anything else is effective at once."""
+        k, v = parse_entry(text, kind)
+        served, hosts = await self.store.mail_served(k, v)
+        a = self.optout.assess(k, v, served=served, hosts=hosts)
+        if a.decision is Decision.REFUSED:
+            return a, None
+        if a.decision is Decision.EFFECTIVE:
+            row = await self.store.add_exemption(k, v, note, "web", state="active", contact=contact,
+                                                 proof="not needed: " + a.reason + ", effective at once")
+            await self.refresh_exemptions()
+        else:
+            row = await self.store.add_exemption(k, v, note, "web", state="pending", contact=contact,
+                                                 token=secrets.token_urlsafe(18), why=a.reason)
+        return a, row
+
+    async def approve_exemption(self, exemption_id: int, by: str) -> bool:
+        """An operator's approval of a pending entry (``/ops``)."""
+        row = await self.store.exemption(exemption_id)
+        if row is None:
+            return False
+        if row.state != "active":
+            await self.store.set_exemption_state(row.id, "active", f"approved by operator {by}"[:200])
+            await self.refresh_exemptions()
+        return True
 
     async def remove_exemption(self, exemption_id: int) -> bool:
         gone = await self.store.remove_exemption(exemption_id)
         await self.refresh_exemptions()
         return gone
+
+    async def check_proofs(self, exemption_id: int | None = None) -> list[int]:
+        """Look for the TXT proof of pending entries (one, or all); activate those proved.
+        Asked through our own resolver (settings.nameservers), never cached."""
+        rows = [r for r in await self.store.exemptions("pending")
+                if r.token and (exemption_id is None or r.id == exemption_id)]
+        proved: list[int] = []
+        s = self.settings
+        for r in rows[:200]:
+            name = proof_name(r.kind, r.value)
+            try:
+                texts = await txt_strings(name, list(s.nameservers) or None, timeout=s.dns_timeout)
+            except DNSFailure:
+                continue
+            assert r.token is not None
+            if any(secrets.compare_digest(t.strip(), proof_text(r.token)) for t in texts):
+                await self.store.set_exemption_state(r.id, "active", f"DNS TXT record at {name}")
+                proved.append(r.id)
+        if proved:
+            await self.refresh_exemptions()
+        return proved
 
     # ------------------------------------------------------------------ single verification
     async def verify_one(self, address: str, *, use_cache: bool = True) -> tuple[Verdict, bool]:
@@ -243,6 +305,7 @@ class Service:
             return Verdict(address, Status.UNKNOWN, Reason.TIMEOUT,
                            evidence=Evidence(detail="no verdict in time"), retry_after=300.0), False
         await self.store.cache_put(key, v.to_dict(), cache_ttl(v, self.settings))
+        await self._note_domains([(key, v)])
         return v, False
 
     # ------------------------------------------------------------------ jobs
@@ -371,11 +434,17 @@ class Service:
     async def _persist(self, job_id: str, batch: list[tuple[str, Verdict]]) -> None:
         rows = [(k, v.to_dict()) for k, v in batch]
         await self.store.record(job_id, rows, cache_for={k: cache_ttl(v, self.settings) for k, v in batch})
-        seen: dict[str, tuple[str | None, bool | None]] = {}
-        for k, v in batch:
+        for k, _v in batch:
             self._key_jobs.get(k, set()).discard(job_id)
             if not self._key_jobs.get(k):
                 self._key_jobs.pop(k, None)
+        await self._note_domains(batch)
+
+    async def _note_domains(self, batch: list[tuple[str, Verdict]]) -> None:
+        """What verdicts teach about their domains: MX host and catch-all (the opt-out scope
+        counts the domains an MX serves from this)."""
+        seen: dict[str, tuple[str | None, bool | None]] = {}
+        for k, v in batch:
             if v.evidence.mx_host:
                 # deliverable means the random probe was refused; a 550 shows the same
                 ca = True if "catch_all" in v.flags else (
@@ -394,9 +463,3 @@ def _relay(key: str, results: asyncio.Queue[tuple[str, Verdict | None] | None],
         failed = fut.cancelled() or fut.exception() is not None
         results.put_nowait((key, None if failed else fut.result()))  # None: left for the next run
     return done
-
-
-def _kind(k: str) -> Kind:
-    if k not in ("domain", "mx", "cidr"):
-        raise ValueError(k)
-    return k  # type: ignore[return-value]

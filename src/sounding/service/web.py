@@ -24,7 +24,8 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from ..courtesy.exemptions import parse_entry
+from ..courtesy.exemptions import parse_entry, proof_name, proof_text
+from ..courtesy.optout import Decision
 from ..errors import InputError, SoundingError
 from ..glossary import legend, reason_meaning, statuses
 from ..settings import default_state_dir
@@ -169,29 +170,86 @@ async def optout_submit(request: Request, entries: Annotated[str, Form(max_lengt
         errors.append("Enter at least one domain or IP range.")
     if len(lines) > 50:
         errors.append("At most 50 entries per request; write to us for more.")
+    svc = _svc(request)
     for line in lines[:50]:
         try:
             kind, value = parse_entry(line)
         except InputError as exc:
             errors.append(str(exc))
             continue
-        if kind == "cidr":
-            net = ipaddress.ip_network(value)
-            if net.prefixlen < (16 if net.version == 4 else 32):
-                errors.append(f"{value}: ranges larger than a /16 (IPv6: /32) need a word with the operator")
-                continue
-        elif "." not in value:
-            errors.append(f"{value}: enter your domain, not a top-level domain")
+        a = svc.optout.assess(kind, value)  # refusals first (public suffix, huge range)
+        if a.decision is Decision.REFUSED:
+            errors.append(a.reason)
             continue
         ok.append((kind, value))
     if errors:
         return render(request, "optout.html", {"errors": errors, "entries": entries}, 400)
-    svc = _svc(request)
-    added = []
+    results = []
     for kind, value in ok:
-        await svc.add_exemption(value, kind, f"web form from {ip}; contact {contact[:200]}".strip(), "web")
-        added.append(f"{value} ({'IP range' if kind == 'cidr' else 'domain'})")
-    return render(request, "optout_done.html", {"added": added, "contact": contact})
+        a, row = await svc.request_optout(value, kind, contact=contact[:200],
+                                          note=f"web form from {ip}; contact {contact[:200]}".strip())
+        results.append(_entry_view(a.value, a.kind, row, a.reason))
+    return render(request, "optout_done.html", {"results": results, "contact": contact})
+
+
+def _entry_view(value: str, kind: str, row: Any, reason: str = "") -> dict[str, Any]:
+    """What the requester is told about one entry (and, when pending, how to prove control)."""
+    label = {"cidr": "IP range", "mx": "mail server"}.get(kind, "domain")
+    if row is None:
+        return {"value": value, "label": label, "state": "refused", "reason": reason}
+    view = {"id": row.id, "value": row.value, "label": label, "state": row.state, "proof": row.proof,
+            "why": row.why, "reason": reason}
+    if row.state == "pending" and row.token:
+        view["txt_name"] = proof_name(row.kind, row.value)
+        view["txt_text"] = proof_text(row.token)
+        view["token"] = row.token
+    return view
+
+
+@router.post("/opt-out/check", response_class=HTMLResponse)
+async def optout_check(request: Request, entry: Annotated[int, Form()] = 0,
+                       token: Annotated[str, Form(max_length=100)] = "",
+                       csrf: Annotated[str, Form(max_length=200)] = "") -> HTMLResponse:
+    """The requester of a pending entry asks us to look for their TXT record now."""
+    if not _csrf_ok(request, csrf):
+        return error_page(request, 400, "The form expired; please go back and try again.")
+    ip = request.client.host if request.client else "?"
+    if not _check_limit.allow(ip):
+        return error_page(request, 429, "Too many checks from your address; please wait a minute.")
+    svc = _svc(request)
+    row = await svc.store.exemption(entry) if 0 < entry < 2**31 else None
+    if row is None or not row.token or not hmac.compare_digest(row.token, token):
+        return error_page(request, 404, "No such pending opt-out.")
+    await svc.check_proofs(row.id)
+    row = await svc.store.exemption(row.id)
+    return render(request, "optout_done.html", {"results": [_entry_view(row.value, row.kind, row)] if row else [],
+                                                "contact": "", "checked": True})
+
+
+@router.get("/opt-out/status", response_class=HTMLResponse)
+async def optout_status(request: Request, value: str = "") -> HTMLResponse:
+    """Is this domain, MX host or range opted out, and how was it proved?"""
+    value = value.strip()[:300]
+    found: list[dict[str, Any]] = []
+    error = ""
+    if value:
+        try:
+            kind, norm = parse_entry(value)
+        except InputError as exc:
+            error = str(exc)
+        else:
+            st = _svc(request).store
+            for k in ((kind, "mx") if kind == "domain" else (kind,)):
+                row = await st.find_exemption(k, norm)
+                if row is not None:
+                    v = _entry_view(row.value, row.kind, row)
+                    v.pop("token", None)
+                    v.pop("txt_text", None)  # the token is the requester's, not the public's
+                    found.append(v)
+    return render(request, "optout_status.html", {"value": value, "found": found, "error": error})
+
+
+_check_limit = _RateLimit(10, 60)
 
 
 @router.get("/lookup", response_class=HTMLResponse)
@@ -532,3 +590,22 @@ async def ops(request: Request) -> Response:
         "exemptions": exemptions, "changes": changes, "buckets": buckets,
         "conduct": svc.verifier.stats.as_dict(), "in_flight": svc.dispatcher.in_flight,
         "utc": _utc})
+
+
+@router.post("/ops/exemptions/{exemption_id}/{action}")
+async def ops_exemption(request: Request, exemption_id: int, action: str,
+                        csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """Approve a pending opt-out or remove an entry (operators; CSRF-checked)."""
+    c = await _client(request)
+    if c is None or not c.operator:
+        return error_page(request, 403, "Operators only.")
+    if not _csrf_ok(request, csrf):
+        return error_page(request, 400, "The form expired; go back to /ops and try again.")
+    if action not in ("approve", "remove") or not 0 < exemption_id < 2**31:
+        return error_page(request, 404, "No such action.")
+    svc = _svc(request)
+    ok = await (svc.approve_exemption(exemption_id, c.name) if action == "approve"
+                else svc.remove_exemption(exemption_id))
+    if not ok:
+        return error_page(request, 404, "No such exemption.")
+    return RedirectResponse("/ops", status_code=303)

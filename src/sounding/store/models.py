@@ -103,15 +103,22 @@ class DomainInfo(Base):
 
 
 class ExemptionRow(Base):
-    """An opt-out entry (domain, MX host name or CIDR)."""
+    """An opt-out entry (domain, MX host name or CIDR): ``active`` entries are honoured;
+    ``pending`` ones (shared providers) wait for a DNS proof or an operator's approval."""
 
     __tablename__ = "exemptions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(8))
     value: Mapped[str] = mapped_column(String(300))
     note: Mapped[str] = mapped_column(Text, default="")
-    source: Mapped[str] = mapped_column(String(16), default="operator")  # operator | web | cli
+    source: Mapped[str] = mapped_column(String(16), default="operator")  # operator | web | api | cli | import
     added: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="active", index=True)  # active | pending
+    proof: Mapped[str] = mapped_column(String(200), default="")  # how it came to be active
+    token: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the DNS TXT proof token
+    contact: Mapped[str] = mapped_column(String(300), default="")
+    why: Mapped[str] = mapped_column(Text, default="")  # why it waits for proof
+    proved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("uq_exemptions_kind_value", "kind", "value", unique=True),)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import secrets
 import time
 import uuid
@@ -412,27 +413,80 @@ class Store:
                     "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
 
     # ------------------------------------------------------------------ exemptions
-    async def exemptions(self) -> list[ExemptionRow]:
+    async def exemptions(self, state: str | None = None) -> list[ExemptionRow]:
+        """Opt-out entries (oldest first), all or those in ``state`` (active | pending)."""
+        q = select(ExemptionRow).order_by(ExemptionRow.added, ExemptionRow.id)
+        if state is not None:
+            q = q.where(ExemptionRow.state == state)
         async with self.session() as s:
-            return list((await s.execute(select(ExemptionRow).order_by(ExemptionRow.added))).scalars())
+            return list((await s.execute(q)).scalars())
 
-    async def add_exemption(self, kind: str, value: str, note: str = "", source: str = "operator") -> ExemptionRow:
+    async def exemption(self, exemption_id: int) -> ExemptionRow | None:
+        async with self.session() as s:
+            return (await s.execute(select(ExemptionRow).where(ExemptionRow.id == exemption_id))).scalar_one_or_none()
+
+    async def find_exemption(self, kind: str, value: str) -> ExemptionRow | None:
+        async with self.session() as s:
+            return (await s.execute(select(ExemptionRow).where(
+                ExemptionRow.kind == kind, ExemptionRow.value == value))).scalar_one_or_none()
+
+    async def add_exemption(self, kind: str, value: str, note: str = "", source: str = "operator", *,
+                            state: str = "active", proof: str = "", token: str | None = None,
+                            contact: str = "", why: str = "") -> ExemptionRow:
+        """Add an entry (idempotent on kind+value).  An existing pending entry becomes active
+        when an active one is added (an operator's word); an active one never goes back."""
+        now = time.time()
         async with self.session() as s:
             try:
                 async with s.begin():
-                    row = ExemptionRow(kind=kind, value=value, note=note[:2000], source=source, added=time.time())
+                    row = ExemptionRow(kind=kind, value=value, note=note[:2000], source=source, added=now,
+                                       state=state, proof=proof[:200], token=token, contact=contact[:300],
+                                       why=why[:2000], proved_at=now if state == "active" else None)
                     s.add(row)
                 return row
             except IntegrityError:
                 pass
-        async with self.session() as s:
-            return (await s.execute(select(ExemptionRow).where(
-                ExemptionRow.kind == kind, ExemptionRow.value == value))).scalar_one()
+        old = await self.find_exemption(kind, value)
+        assert old is not None
+        if old.state != "active" and state == "active":
+            await self.set_exemption_state(old.id, "active", proof)
+            old = await self.find_exemption(kind, value)
+            assert old is not None
+        return old
+
+    async def set_exemption_state(self, exemption_id: int, state: str, proof: str = "") -> bool:
+        """Mark an entry active (with how it was proved) or pending."""
+        async with self.session() as s, s.begin():
+            res = await s.execute(update(ExemptionRow).where(ExemptionRow.id == exemption_id).values(
+                state=state, proof=proof[:200], proved_at=time.time() if state == "active" else None))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def remove_exemption(self, exemption_id: int) -> bool:
         async with self.session() as s, s.begin():
             res = await s.execute(delete(ExemptionRow).where(ExemptionRow.id == exemption_id))
             return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    async def mail_served(self, kind: str, value: str, limit: int = 1000) -> tuple[int, list[str]]:
+        """How many of our clients' domains (the domain cache) have their MX under the host
+        name ``value`` (kind ``domain``/``mx``) or at an address in the range ``value``
+        (``cidr``, through the MX addresses of our sessions); and those MX host names."""
+        async with self.session() as s:
+            if kind == "cidr":
+                net = ipaddress.ip_network(value, strict=False)
+                seen = (await s.execute(select(SessionLog.mx_ip, SessionLog.mx_host).group_by(
+                    SessionLog.mx_ip, SessionLog.mx_host).limit(100_000))).all()
+                hosts = sorted({h for ip, h in seen if _in_net(ip, net)})[:limit]
+                if not hosts:
+                    return 0, []
+                n = (await s.execute(select(func.count()).select_from(DomainInfo).where(
+                    DomainInfo.mx_host.in_(hosts)))).scalar_one()
+                return int(n), hosts
+            v = value.lower()
+            cond = or_(DomainInfo.mx_host == v, DomainInfo.mx_host.like(f"%.{_like(v)}", escape="\\"))
+            n = (await s.execute(select(func.count()).select_from(DomainInfo).where(cond))).scalar_one()
+            hosts = [h for h in (await s.execute(select(DomainInfo.mx_host).where(cond).group_by(
+                DomainInfo.mx_host).limit(limit))).scalars() if h]
+        return int(n), hosts
 
     # ------------------------------------------------------------------ sessions
     async def add_sessions(self, sessions: Sequence[dict[str, Any]]) -> None:
@@ -484,6 +538,14 @@ class Store:
             ins = self._insert(KeyValue).values(name=name, value=value, updated=now)
             await s.execute(ins.on_conflict_do_update(index_elements=["name"], set_={"value": value,
                                                                                     "updated": now}))
+
+
+def _in_net(ip: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return a.version == net.version and a in net
 
 
 def _like(text: str) -> str:
