@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from sounding.cli import app
 from sounding.courtesy.canaries import CanaryBook, reply_style
 from sounding.courtesy.exemptions import ExemptionRegistry
-from sounding.store.registry import active_entries
 from sounding.doctor import SPFError, spf_covers
 from sounding.sandbox import Sandbox, World
+from sounding.store.registry import active_entries
 from sounding.verdict import Evidence, Reason, Status, Verdict
 
 from .conftest import start_world
