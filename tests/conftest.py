@@ -18,8 +18,8 @@ from sounding.settings import Settings
 from sounding.smtp.client import Timeouts
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
-if not CORPORA.exists():  # a clone elsewhere: ../shared beside the repository
-    CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+if not CORPORA.exists():  # a git worktree one level deeper (wt/<name>): ../../shared
+    CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
 
 
 def corpus(name: str) -> Path:

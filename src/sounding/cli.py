@@ -342,6 +342,40 @@ def sandbox_up(
         err.print("sandbox stopped")
 
 
+@app.command("explain-reply")
+def explain_reply(
+    reply: Annotated[str, typer.Argument(help='An SMTP reply as pasted, e.g. "550 5.7.1 <a@b>: Recipient address '
+                                              'rejected: Access denied" (multi-line, DSN or log forms accepted).')],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """How Sounding reads a server's reply to RCPT TO, and why (structure, vendor or wording)."""
+    from .smtp.classify import explain_pasted
+    from .smtp.reply import make_reply
+    from .verdict import CatchAll, Evidence, from_rcpt
+
+    e = explain_pasted(reply)
+    c = e.classification
+    enh = ".".join(map(str, e.enhanced)) if e.enhanced else None
+    v = (from_rcpt("user@example.com", make_reply(e.code, f"{enh or ''} {reply}".strip()), c,
+                   catch_all=CatchAll("rejected"), accept_all_provider=False, flags=frozenset(),
+                   evidence=Evidence()) if e.code is not None else None)
+    doc = {"code": e.code, "enhanced": enh, "outcome": c.outcome.value, "layer": e.layer.value, "rule": e.rule,
+           "evidence": e.evidence, "blocklist": c.blocklist, "delist_url": c.delist_url, "retry_after": c.retry_after,
+           "verdict": {"status": v.status.value, "reason": v.reason.value, "retry_after": v.retry_after} if v else None}
+    if as_json:
+        print(json.dumps(doc))
+        return
+    for k in ("code", "enhanced", "outcome", "blocklist", "delist_url", "retry_after"):
+        if doc[k] is not None:
+            out.print(f"[bold]{k:<11}[/bold] {doc[k]}", highlight=False)
+    verdict = f"{v.status.value} / {v.reason.value}" + (f" (retry after {v.retry_after:.0f} s)" if v and v.retry_after
+                                                        else "") if v else "n/a (no reply code)"
+    out.print(f"[bold]{'verdict':<11}[/bold] {verdict}  [dim](for an RCPT TO reply from a server that refused our "
+              f"random local part and accepted postmaster@)[/dim]", highlight=False)
+    out.print(f"[bold]{'why':<11}[/bold] {e.layer.value}: {e.rule}" + (f' -- matched "{e.evidence}"' if e.evidence
+                                                                     else ""), highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -230,7 +230,8 @@ _PROTO = _rx(r"syntax error", r"bad sequence", r"improper (use|sequence)", r"pro
 _EXPIRED = _rx(r"message expired", r"queue\.?expired", r"delivery time expired", r"unable to deliver in \d+ minutes",
                r"connection expired")
 # Authentication of the message/sender (SPF, DKIM, DMARC): policy, whatever else is mentioned.
-_AUTH = _rx(r"\bspf\b", r"dkim", r"dmarc", r"unauthenticated", r"from:? header", r"header from", r"authentication (required|checks?|results|failed|level)",
+_AUTH = _rx(r"\bspf\b", r"dkim", r"dmarc", r"unauthenticated", r"from:? header", r"header from",
+            r"authentication (required|checks?|results|failed|level)",
             r"not authenticated", r"must authenticate", r"auth(entication)? failed", r"fail(ed)? to authenticate",
             r"smtp authentication", r"sender policy framework")
 # The connecting host: blocklists, IP reputation, reverse DNS. Strong enough to beat sender words.
@@ -239,7 +240,8 @@ _BLOCK = _rx(
     r"\bis listed\b", r"\bdnsbl", r"\brbl\b", r"\bin an rbl", r"\brbl\+", r"real.?time block",
     r"(ip|network|host|server)\W.{0,40}(black ?list|block ?list|blocklisted|blacklisted)",
     r"(black ?list|block ?list)\W.{0,30}\b(ip|network)\b", r"reputation of the sending ip", r"\bip reputation",
-    r"sending (mta|ip|server)\W{0,3}s? (poor|bad|low) reputation", r"poor reputation sender", r"ip .{0,20}bad reputation",
+    r"sending (mta|ip|server)\W{0,3}s? (poor|bad|low) reputation", r"poor reputation sender",
+    r"ip .{0,20}bad reputation",
     r"reverse (dns|hostname|look ?up|look name)", r"\bptr\b", r"\brdns\b", r"cannot find your (reverse )?hostname",
     r"client (host|ip|address)\b.{0,40}\b(blocked|rejected|denied|refused)", r"client address .* blocked",
     r"(this|the|your|sending|source|client|connecting|originating) (server )?ip( address(es)?|s)?\b.{0,60}"
@@ -250,7 +252,8 @@ _BLOCK = _rx(
     r"(blocked|banned|rejected|refused) ip\b", r"banned sending ip", r"\bIP\s?[=:]\s?\d", r"adresse ip",
     r"dynablock", r"dynamic ip", r"dial-?up", r"residential", r"geo(ip|graphical)",
     r"not (allowed|permitted) to connect", r"connections? (not accepted|will not be accepted|rejected|denied) from",
-    r"mismatches client ip", r"connections? (not accepted|will not be accepted|rejected|denied)", r"bypassing service provider", r"helo/hostname mismatch", r"bad ip",
+    r"mismatches client ip", r"connections? (not accepted|will not be accepted|rejected|denied)",
+    r"bypassing service provider", r"helo/hostname mismatch", r"bad ip",
     r"denyip", r"from your location", r"weren't sent", r"rejected for policy reasons\. host found",
     r"invalid ip\b", r"ip is (rejected|hangup)", r"no smtp mx only", r"currently sending spam",
     r"identified as spammer", r"not accepting connections", r"is an open relay", r"over ipv6",
@@ -263,7 +266,8 @@ _SENDER = _rx(r"sender (address|domain|ip)? ?(is )?(rejected|denied|blocked|refu
               r"envelope (from|sender)", r"from: ?domain", r"valid from",
               r"invalid sender", r"unknown sender", r"sender (is )?(not|unknown)", r"bad (outbound )?sender",
               r"sender refused", r"sender denied", r"sender was not", r"sender not", r"emetteur", r"fake sender",
-              r"spoof", r"forged", r"forgery", r"null sender", r"sender email is not", r"mismatched with message header",
+              r"spoof", r"forged", r"forgery", r"null sender", r"sender email is not",
+              r"mismatched with message header",
               r"reputation of (the |a )?(sending |sender )?domain", r"domain used in message transfer",
               r"dns check failed", r"invalid dns (mx|a)", r"unregistered domains", r"banned sender")
 # Weaker block words: counted as an IP block only with no sender/content reading available.
@@ -285,7 +289,8 @@ _RATE = _rx(
     r"(to|too) many (mails|e-?mails|messages)", r"sent (to )?too many", r"rate.?limit", r"too quickly",
     r"receiving mail (too quickly|at a rate)", r"(frequency|rate) (limit|exceeded)",
     r"exceeded (the )?(maximum|permitted|allowed|rate)", r"(relay|sending|send|submission|recipient|thread|queue|daily|"
-    r"hourly) (limit|quota)", r"quota for sending", r"limit exceeded", r"(unexpected|excessive) volume", r"user complaints", r"slow down",
+    r"hourly) (limit|quota)", r"quota for sending", r"limit exceeded", r"(unexpected|excessive) volume",
+    r"user complaints", r"slow down",
     r"max(imum)? (number of )?(message|messages|connections|recipients) (per|reached|exceeded)",
     r"per (hour|day|minute|connection|session|transaction)", r"has exceeded (their|the|its) limit",
     r"try this recipient in a separate", r"mail flood", r"lower the number of concurrent", r"exceed\w* .{0,25}limit",
@@ -309,9 +314,11 @@ _FULL = _rx(r"mailbox (is )?full", r"(box|folder) (is )?full", r"over ?quota", r
 _DISABLED = _rx(
     r"(mailbox|account|user|recipient|address|e-?mail)\b[^.;]{0,30}\b(is |has been |was )?(disabled|deactivated|"
     r"inactive|suspended|locked|frozen|expired|closed|discontinued|not activated|blocked due to inactivity)",
-    r"(disabled|deactivated|inactive|suspended|locked) (e-?mail )?(user|account|mailbox|address)", r"inactivity", r"\bis a deactivated",
+    r"(disabled|deactivated|inactive|suspended|locked) (e-?mail )?(user|account|mailbox|address)", r"inactivity",
+    r"\bis a deactivated",
     r"no longer (valid|active|in use)", r"compte du destinataire est bloque", r"recipient account is blocked",
-    r"user (disabled|suspended|hangup)", r"disabled with mta service", r"temporar(y|ily) locked", r"user status is locked")
+    r"user (disabled|suspended|hangup)", r"disabled with mta service", r"temporar(y|ily) locked",
+    r"user status is locked")
 # What only a mailbox answer says: a noun for the recipient next to a word for "missing".
 _NOUN = (r"(user|mailbox|mail-box|recipient|account|address|addressee|alias|local.?part|e-?mail account|utilisateur|"
          r"destinataire)")
@@ -446,7 +453,8 @@ _X7: dict[int, tuple[Outcome, str]] = {
     13: (Outcome.MAILBOX_DISABLED, "X.7.13 user account disabled"),
     20: (Outcome.POLICY, "X.7.20 no passing DKIM signature"), 21: (Outcome.POLICY, "X.7.21 no acceptable DKIM"),
     22: (Outcome.POLICY, "X.7.22 no DKIM author match"), 23: (Outcome.POLICY, "X.7.23 SPF validation failed"),
-    24: (Outcome.POLICY, "X.7.24 SPF validation error"), 25: (Outcome.IP_BLOCKED, "X.7.25 reverse DNS validation failed"),
+    24: (Outcome.POLICY, "X.7.24 SPF validation error"),
+    25: (Outcome.IP_BLOCKED, "X.7.25 reverse DNS validation failed"),
     26: (Outcome.POLICY, "X.7.26 multiple authentication checks failed"),
     27: (Outcome.POLICY, "X.7.27 sender address has null MX"),
 }
@@ -580,9 +588,15 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     if m := (_TEMP if transient else _TEMP_STRONG).search(t):
         return out(Outcome.TEMPORARY, Layer.WORDING, "temporary failure", _snip(m))
 
+    if m_pre and not transient:  # an RCPT restriction refused it, for a reason we cannot read
+        return out(Outcome.POLICY, Layer.WORDING, "Postfix RCPT restriction with an unfamiliar reason", reason)
+
     # ---- basic code (RFC 5321 §4.2.2-4.2.3)
     o, rule = _basic(code, transient)
     return out(o, Layer.DEFAULT, rule, str(code) if code is not None else "")
+
+
+_PLAIN_MISSING = _rx(r"user ?unknown", r"no such user", r"doesn.t have an? [\w.-]* ?account", r"not our customer")
 
 
 def _mailbox_claim_ok(code: int | None, enh: tuple[int, int, int] | None, t: str) -> bool:
@@ -593,7 +607,7 @@ def _mailbox_claim_ok(code: int | None, enh: tuple[int, int, int] | None, t: str
         return False
     if code in (421, 501, 530, 535) or code == 554 and enh is None:
         # Codes that rarely answer for a mailbox: only its plainest words count.
-        return bool(re.search(r"user ?unknown|no such user|doesn.t have an? [\w.-]* ?account|not our customer", t, re.I))
+        return bool(_PLAIN_MISSING.search(t))
     return True
 
 
