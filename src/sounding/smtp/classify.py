@@ -141,6 +141,7 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
     ("yahoo blocklist", Outcome.IP_BLOCKED, _rx(r"\[BL2[1-3]\]", r"\[TSS07\]", r"\[RL0\d\]")),
     ("yahoo disabled", Outcome.MAILBOX_DISABLED, _rx(r"\(554\.30\)", r"is no longer valid\. ?\[-20\]")),
     ("yahoo no account", Outcome.NO_MAILBOX, _rx(r"dd this user doesn't have an? [\w.-]+ account")),
+    ("yahoo complaints deferral", Outcome.RATE_LIMITED, _rx(r"temporarily deferred\W{1,3}(\[?#?)4\.16\.5\d")),
     ("yahoo resources", Outcome.TEMPORARY, _rx(r"\[#4\.16\.\d")),
     # Apple iCloud, Comcast, Cox, Charter/Spectrum, Orange, La Poste, GMX/web.de, T-Online,
     # Mail.ru, Tencent QQ
@@ -170,7 +171,7 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
     # Security gateways and blocklist operators
     ("proofpoint block", Outcome.IP_BLOCKED,
      _rx(r"ipcheck\.proofpoint\.com", r"proofpoint\.com/dnsbl-lookup", r"Proofpoint Dynamic Reputation")),
-    ("mimecast greylist", Outcome.GREYLISTED, _rx(r"internal resources are temporarily unavailable")),
+    ("mimecast greylist", Outcome.GREYLISTED, _rx(r"internal resources? (are|is) temporarily unavailable")),
     ("mimecast reputation", Outcome.IP_BLOCKED,
      _rx(r"csi\.mimecast\.org", r"poor reputation sender", r"local ct ip reputation",
          r"ip temporarily blacklisted")),
@@ -296,6 +297,7 @@ _RATE = _rx(
     r"try this recipient in a separate", r"mail flood", r"lower the number of concurrent", r"exceed\w* .{0,25}limit",
 )
 _RATE_STRONG = _rx(r"too many (recipients|connections|sessions|messages|rcpt|concurrent|mails|recent)",
+                   r"(excessive|too many) (unknown |invalid |bad )?(recipients|rcpt)",
                    r"(to|too) many (mails|e-?mails|messages)", r"sent (to )?too many", r"rate.?limit", r"too quickly",
                    r"(frequency|rate) (limit|exceeded)", r"(unexpected|excessive) volume", r"quota for sending")
 # Message size and shape: the message, not the mailbox or the sender.
@@ -340,7 +342,7 @@ _NOT_EXIST = _rx(
 # Words that make a mailbox phrase untrustworthy (the refusal may be about us).
 _CONTRA = _rx(r"\btry (again )?later\b", r"temporar", r"\bspam", r"\bblock", r"black ?list", r"\blisted\b",
               r"reputation", r"polic(y|ies)", r"\bip\b", r"\brate\b", r"rate limit", r"\blimit", r"too many",
-              r"abuse", r"access denied", r"not authori[sz]ed")
+              r"abuse", r"access denied", r"not authori[sz]ed", r"excessive")
 _TEMP = _rx(r"expired", r"timed? ?out", r"timeout", r"try (again )?later", r"temporar", r"busy", r"resources",
             r"not available", r"unavailable", r"error in processing", r"insufficient system", r"i/o error",
             r"local problem", r"system (problem|error)", r"internal (server )?error", r"connection (dropped|lost)",
@@ -477,7 +479,13 @@ def _enhanced_of(enhanced: tuple[int, int, int] | None, text: str) -> tuple[int,
 
 
 def _snip(m: re.Match[str]) -> str:
-    return m.group(0).strip()
+    """The matched evidence, widened to whole words ("zen" -> "zen.spamhaus.org")."""
+    text, a, b = m.string, m.start(), m.end()
+    while a > 0 and not text[a - 1].isspace() and m.end() - a < 80:
+        a -= 1
+    while b < len(text) and not text[b].isspace() and b - a < 120:
+        b += 1
+    return text[a:b].strip().strip(";,.()[]")
 
 
 def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text: str) -> Explanation:
