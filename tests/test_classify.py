@@ -147,6 +147,13 @@ def test_retry_hints() -> None:
         ("451 4.7.1 Try again later", Outcome.GREYLISTED),
         ("553 sorry, no mailbox here by that name. (#5.1.1)", Outcome.NO_MAILBOX),
         ("553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)", Outcome.RELAY_DENIED),
+        ("421 4.7.0 [GL01] Message from 192.0.2.1 temporarily deferred", Outcome.GREYLISTED),
+        ("554 RLY:B1 http://postmaster.info.aol.com/errors/554rlyb1.html", Outcome.IP_BLOCKED),
+        ("550 5.7.1 Relay rejected for policy reasons.", Outcome.RELAY_DENIED),
+        ("450 4.7.1 Error: too much mail from 192.0.2.1", Outcome.RATE_LIMITED),
+        ("451 VS1-MF Excessive unknown recipients - possible Open Relay (#4.4.5)", Outcome.RATE_LIMITED),
+        ("550 5.1.2 Mailbox does not exist.", Outcome.NO_MAILBOX),
+        ("550 5.1.1 User unknown; please try again later", Outcome.TEMPORARY),
     ],
 )
 def test_structure_vendor_and_wording(text: str, outcome: Outcome) -> None:

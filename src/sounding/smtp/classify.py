@@ -137,6 +137,10 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
     ("microsoft recipient not found", Outcome.NO_MAILBOX,
      _rx(r"RESOLVER\.ADR\.(Ex)?Recip(ient)?NotFound", r"not found by SMTP address lookup")),
     # Yahoo / AOL (senders.yahooinc.com/smtp-error-codes)
+    ("yahoo greylisting", Outcome.GREYLISTED, _rx(r"\[GL0\d\]")),
+    ("aol/verizon block", Outcome.IP_BLOCKED, _rx(r"\bRLY:[A-Z]{1,3}\d?\b", r"\bRTR:[A-Z]{2}\b", r"\bHVU:B\d\b",
+                                                r"\bDNS:(NR|RD)\b")),
+    ("aol/verizon throttling", Outcome.RATE_LIMITED, _rx(r"\bDYN:T\d\b", r"\bCON:B\d\b")),
     ("yahoo TSS deferral", Outcome.RATE_LIMITED, _rx(r"\[TSS0[1-6]\]", r"\[TS0[1-3]\]")),
     ("yahoo blocklist", Outcome.IP_BLOCKED, _rx(r"\[BL2[1-3]\]", r"\[TSS07\]", r"\[RL0\d\]")),
     ("yahoo disabled", Outcome.MAILBOX_DISABLED, _rx(r"\(554\.30\)", r"is no longer valid\. ?\[-20\]")),
@@ -209,7 +213,7 @@ _GREY_DEFAULT = re.compile(r"^(service unavailable\W*)?(please )?try (again )?la
 # --------------------------------------------------------------------------- wording layer
 _GREYLIST = _rx(r"gr[ae]y-?list", r"not yet authori[sz]ed", r"(please )?come back (later|in)\b",
                 r"try again in \d+ ?(s|sec|seconds?|min|minutes?)\b")
-_RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|prohibited|disallowed|refused)",
+_RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|prohibited|disallowed|refused|rejected)",
              r"unable to relay", r"(not|isn't) (configured |allowed |permitted )?to relay", r"relay not permitted",
              r"open relay (is )?not allowed", r"rcpthosts", r"not a gateway", r"unauthori[sz]ed relay",
              r"relaying to .* prohibited", r"we do not relay", r"local user only", r"tenantattribution",
@@ -297,7 +301,7 @@ _RATE = _rx(
     r"try this recipient in a separate", r"mail flood", r"lower the number of concurrent", r"exceed\w* .{0,25}limit",
 )
 _RATE_STRONG = _rx(r"too many (recipients|connections|sessions|messages|rcpt|concurrent|mails|recent)",
-                   r"(excessive|too many) (unknown |invalid |bad )?(recipients|rcpt)",
+                   r"(excessive|too many) (unknown |invalid |bad )?(recipients|rcpt)", r"too much mail",
                    r"(to|too) many (mails|e-?mails|messages)", r"sent (to )?too many", r"rate.?limit", r"too quickly",
                    r"(frequency|rate) (limit|exceeded)", r"(unexpected|excessive) volume", r"quota for sending")
 # Message size and shape: the message, not the mailbox or the sender.
@@ -305,7 +309,8 @@ _SIZE = _rx(r"message (length|size)", r"size (exceed|limit)", r"exceed\w* .{0,30
             r"larger than", r"number of attachments", r"header value .{0,30}exceeds", r"size of (your|the) message")
 _TOO_MANY_RCPT = _rx(r"too many recipients", r"per transaction exceeded", r"separate transaction",
                      r"recipients per (message|session|transaction)")
-_TOO_MANY_CONN = _rx(r"too many (connections|sessions|concurrent)", r"maximum number of connections",
+_TOO_MANY_CONN = _rx(r"too many (open |concurrent |simultaneous |smtp )?(connections|sessions|concurrent)",
+                     r"maximum number of connections",
                      r"lower the number of concurrent", r"trop de connexions")
 _FULL = _rx(r"mailbox (is )?full", r"(box|folder) (is )?full", r"over ?quota", r"quota (exceeded|violation)",
             r"exceeded (storage|quota)", r"storage (allocation|space|full)", r"out of storage", r"disk quota",
