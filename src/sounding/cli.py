@@ -6,41 +6,58 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
+from .cli_help import TidyGroup
 from .engine import Verifier
-from .errors import SoundingError
-from .listio import ListReader, ResultWriter, Row, open_text
+from .errors import InputError, SoundingError
+from .listio import ListReader, ResultWriter, Row
 from .settings import Settings, default_state_dir, load_settings
 from .smtp.client import Timeouts
 from .verdict import Status, Verdict
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=TidyGroup, add_completion=False, no_args_is_help=True,
                   help="Sounding: verify e-mail addresses over SMTP without sending a message.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The simulated mail world (loopback only).")
 app.add_typer(sandbox_app, name="sandbox")
 err = Console(stderr=True)
 out = Console()
 
-HeloOpt = Annotated[str | None, typer.Option("--helo", help="HELO name (our FQDN with matching PTR).")]
-FromOpt = Annotated[str | None, typer.Option("--mail-from", help="Envelope sender.")]
-SrcOpt = Annotated[list[str] | None, typer.Option("--source-ip", help="Local source address (repeatable).")]
-NsOpt = Annotated[list[str] | None, typer.Option("--nameserver", help="DNS server HOST[:PORT] (repeatable).")]
-PortOpt = Annotated[int | None, typer.Option("--smtp-port", help="SMTP port (25 in real use).")]
+HeloOpt = Annotated[str | None, typer.Option("--helo", metavar="FQDN", help="HELO name (our FQDN with matching PTR).")]
+FromOpt = Annotated[str | None, typer.Option("--mail-from", metavar="ADDRESS", help="Envelope sender.")]
+SrcOpt = Annotated[list[str] | None, typer.Option("--source-ip", metavar="IP",
+                                                  help="Local source address (repeatable).")]
+NsOpt = Annotated[list[str] | None, typer.Option("--nameserver", metavar="HOST[:PORT]",
+                                                 help="DNS server (repeatable).")]
+PortOpt = Annotated[int | None, typer.Option("--smtp-port", metavar="PORT", help="SMTP port (25 in real use).")]
 PrivOpt = Annotated[bool, typer.Option("--allow-private-mx",
                                        help="Allow MX addresses in private/loopback ranges (sandbox only).")]
-WaitOpt = Annotated[float | None, typer.Option("--max-wait", help="Seconds a verdict may stay pending.")]
-ConcOpt = Annotated[int | None, typer.Option("--concurrency", help="Sessions in flight overall.")]
-CfgOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
+WaitOpt = Annotated[float | None, typer.Option("--max-wait", metavar="SECONDS",
+                                              help="Seconds a verdict may stay pending.")]
+ConcOpt = Annotated[int | None, typer.Option("--concurrency", metavar="N", help="Sessions in flight overall.")]
+CfgOpt = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML settings file.")]
 StateOpt = Annotated[Path | None, typer.Option(
-    "--state-dir", help="Where reputation, opt-outs and canaries are kept (default: the data dir).")]
+    "--state-dir", metavar="DIR", help="Where reputation, opt-outs and canaries are kept (default: the data dir).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"sounding {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Sounding: verify e-mail addresses over SMTP without sending a message."""
 
 
 def _settings(config: Path | None, **kw: Any) -> Settings:
@@ -56,7 +73,7 @@ def _settings(config: Path | None, **kw: Any) -> Settings:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {rich_escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -95,113 +112,175 @@ def verify(
     out.print(t)
 
 
-async def run_list(reader: ListReader, writer: ResultWriter, verifier: Verifier, *,
-                   progress: Progress | None = None, reorder_limit: int = 40_000) -> Counter[tuple[str, str]]:
-    """Verify every row of ``reader`` and write it in input order; return (status, reason) counts.
-
-    Rows without an address (empty cell, no e-mail column, unreadable) are written with their
-    ``error`` verdict and never reach the verifier."""
-    rows: dict[int, Row] = {}
-    done: dict[int, Verdict | None] = {}
-    counts: Counter[tuple[str, str]] = Counter()
-    row_of: dict[int, int] = {}  # the verifier's index -> the row's index
-    next_write = 0
-    read = 0
-    room = asyncio.Event()
-    room.set()
-    task_id = progress.add_task("verifying", total=None) if progress else None
-
-    def flush() -> None:
-        nonlocal next_write
-        while next_write in done:
-            v = done.pop(next_write)
-            writer.write(rows.pop(next_write), v)
-            next_write += 1
-        if read - next_write < reorder_limit:
-            room.set()
-
-    async def feed() -> AsyncIterator[str]:
-        nonlocal read
-        sent = 0
-        for row in reader.rows():
-            while read - next_write >= reorder_limit:
-                room.clear()
-                await room.wait()
-            i = read
-            read += 1
-            rows[i] = row
-            bad = row.input_verdict()
-            if bad is not None:  # not an address: kept, counted apart, never verified
-                done[i] = bad
-                counts[(bad.status.value, bad.reason.value)] += 1
-                flush()
-                continue
-            row_of[sent] = i
-            sent += 1
-            yield row.address
-
-    async for v in verifier.verify_many(feed()):
-        i = row_of.pop(v.index, -1)
-        if i in rows and i not in done:
-            done[i] = v
-            counts[(v.status.value, v.reason.value)] += 1
-        if progress is not None and task_id is not None:
-            progress.update(task_id, completed=sum(counts.values()))
-        flush()
-    flush()
-    return counts
-
-
 @app.command("verify-list")
 def verify_list(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="CSV or JSON-lines list.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write results.")],
-    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
-    column: Annotated[str | None, typer.Option("--column", help="E-mail column name.")] = None,
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="CSV, JSON-lines or .xlsx list.")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="FILE",
+                                        help="Where to write results ('-': standard output).")],
+    fmt: Annotated[str | None, typer.Option("--format", metavar="csv|jsonl|xlsx",
+                                            help="Output format (default: from the file name, else csv).")] = None,
+    column: Annotated[str | None, typer.Option("--column", metavar="NAME", help="E-mail column name.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Forget the answers an interrupted run of this list "
+                                                            "kept, and ask again.")] = False,
     helo: HeloOpt = None, mail_from: FromOpt = None, source_ip: SrcOpt = None,
     nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
     max_wait: WaitOpt = None, concurrency: ConcOpt = None, config: CfgOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
-    """Verify a list; keep every input column and append the verdict columns."""
-    if fmt not in ("csv", "jsonl"):
-        _fail(SoundingError("--format must be csv or jsonl"))
+    """Verify a list; keep every input column and append the verdict columns.
+
+    Every verdict is journaled as it finishes: after Ctrl-C or a crash, the same command
+    asks only about the rows still missing.  The output appears only when complete."""
+    from .journal import Journal, file_digest, identity
+    from .listfiles import OpenList, check_output, output_kind
+
     try:
         s = _settings(config, helo=helo, mail_from=mail_from, source_ips=source_ip,
                       nameservers=nameserver, smtp_port=smtp_port,
                       allow_private_mx=allow_private_mx, max_wait=max_wait,
                       concurrency=concurrency, state_dir=str(state_dir) if state_dir else None)
-        fh = open_text(input_path)
+        kind = output_kind(output, fmt)
+        if output != "-":
+            check_output(Path(output))
+            if Path(output).resolve() == input_path.resolve():
+                raise InputError("the output would overwrite the input: choose another -o")
+        src = OpenList(input_path, column=column)
     except SoundingError as exc:
         _fail(exc)
         return
-    try:
-        reader = ListReader(fh, column=column)
-    except SoundingError as exc:  # e.g. most rows unreadable: a delimiter or encoding problem
-        fh.close()
-        _fail(exc)
-        return
+    reader = src.reader
+    for note in reader.notes:
+        err.print(f"note: {note}", highlight=False)
+    if not reader.found_column:
+        src.close()
+        _fail(InputError(f"no e-mail column in {input_path.name}: no header like 'email' and no cell with '@' "
+                         f"in its first rows (name the column with --column)"))
+    with open(input_path, "rb") as fb:
+        digest = file_digest(fb)
+    ident = identity(digest, {"column": reader.column_name, "helo": s.helo, "mail_from": s.mail_from,
+                              "nameservers": s.nameservers, "smtp_port": s.smtp_port,
+                              "allow_private_mx": s.allow_private_mx, "postmaster": s.probe_postmaster})
+    jdir = Path(s.state_dir or default_state_dir()) / "journals"
+    journal = Journal.for_run(jdir, ident)
+    if restart:
+        journal.remove()
+        journal = Journal.for_run(jdir, ident)
     try:
         v = Verifier(s)
     except SoundingError as exc:
+        src.close()
         _fail(exc)
         return
-    for note in reader.notes:
-        err.print(f"note: {note}", highlight=False)
-    counts = _run_to_file(reader, output, fmt, v)
-    fh.close()
+    if err.is_terminal:
+        err.print(f"counting the rows of {input_path.name}…", end="\r")
+    total = src.count()
+    already = journal.done_count()
+    if already:
+        err.print(f"resuming: {already:,} of {total:,} rows were answered by an earlier run "
+                  f"(journal {journal.path}); asking only about the rest", soft_wrap=True)
+    interrupted = _verify_journaled(reader, journal, v, total, already)
+    src.close()
+    if interrupted:
+        n = journal.done_count()
+        journal.close()
+        err.print(f"interrupted: {n:,} of {total:,} rows have their verdict, kept in {journal.path}; "
+                  f"run the same command again to ask only about the rest (no output written yet)", soft_wrap=True)
+        _conduct(v)
+        raise typer.Exit(130)
+    counts, missing = _write_result(input_path, column, journal, output, kind)
+    if missing:
+        journal.close()
+    else:
+        journal.remove()
     _summary(counts, reader.problems)
     _conduct(v)
 
 
-def _run_to_file(reader: ListReader, output: Path, fmt: str, verifier: Verifier) -> Counter[tuple[str, str]]:
-    with open(output, "w", encoding="utf-8", newline="") as fo:
-        writer = ResultWriter(fo, fmt, reader.header, jsonl_input=reader.fmt == "jsonl")
-        if err.is_terminal:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=err, transient=True) as prog:
-                return asyncio.run(run_list(reader, writer, verifier, progress=prog))
-        return asyncio.run(run_list(reader, writer, verifier))
+def _verify_journaled(reader: ListReader, journal: Any, verifier: Verifier, total: int, already: int) -> bool:
+    """Pass 1 under a progress display; True when interrupted (Ctrl-C) before the end.
+
+    The first Ctrl-C stops starting sessions (those in progress finish, their verdicts are
+    journaled); a second one stops at once."""
+    import signal
+
+    from .cli_progress import ProgressReporter
+    from .listrun import verify_missing
+
+    stop = {"asked": False}
+
+    async def run(prog: ProgressReporter) -> bool:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+
+        def on_sigint() -> None:
+            if stop["asked"]:
+                main.cancel()
+                return
+            stop["asked"] = True
+            err.print("stopping: no new sessions; the ones in progress finish and their verdicts are kept "
+                      "(Ctrl-C again to stop at once)", soft_wrap=True)
+            drain = getattr(verifier, "drain", None)
+            if drain is not None:
+                drain()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        notes = asyncio.create_task(_explain_holds(verifier, prog))
+        try:
+            await verify_missing(reader, journal, verifier, advance=lambda n: prog.update(advance=n),
+                                 stopping=lambda: stop["asked"])
+        except asyncio.CancelledError:
+            return True
+        finally:
+            notes.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+        return stop["asked"]
+
+    with ProgressReporter(err, "verifying", unit="rows") as prog:
+        prog.update(total=total, completed=already)
+        cancelled = asyncio.run(run(prog))
+    return cancelled or prog.completed < total  # stopped early, unless everything was answered
+
+
+async def _explain_holds(verifier: Verifier, prog: Any) -> None:
+    """Every second: the note under the bar when a receiver's limits hold work back."""
+    holds = getattr(verifier, "holds", None)
+    if holds is None:
+        return
+    while True:
+        await asyncio.sleep(1.0)
+        waits = [h for h in holds() if h[1] >= 2.0]
+        note = ""
+        if waits:
+            receiver, secs, why = max(waits, key=lambda h: h[1])
+            note = f"waiting: {receiver} {why}, next session in {secs:.0f} s"
+            if len(waits) > 1:
+                note += f" (+{len(waits) - 1} more receivers waiting)"
+        prog.update(note=note)
+
+
+def _write_result(input_path: Path, column: str | None, journal: Any, output: str,
+                  kind: str) -> tuple[Counter[tuple[str, str]], int]:
+    """Pass 2: the complete output in input order (atomically)."""
+    from .listfiles import OpenList
+    from .listrun import OutputTarget, make_writer, write_output
+
+    target = OutputTarget(output, kind)
+    try:
+        with OpenList(input_path, column=column) as src:
+            fh = target.open()
+            writer, finish = make_writer(fh, kind, src.reader)
+            counts, missing = write_output(src.reader, journal, writer)
+            finish()
+        target.commit()
+    except OSError as exc:
+        target.abort()
+        _fail(SoundingError(f"cannot write {output}: {exc.strerror or exc}"))
+        raise
+    except BaseException:
+        target.abort()
+        raise
+    return counts, missing
 
 
 def summary_line(counts: Counter[tuple[str, str]], problems: int = 0) -> str:

@@ -118,6 +118,7 @@ class Verifier:
         self._global = asyncio.Semaphore(s.concurrency)
         self._out: asyncio.Queue[Verdict] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._draining = False
 
     # ------------------------------------------------------------------ public
     async def verify(self, address: str) -> Verdict:
@@ -142,8 +143,11 @@ class Verifier:
             while True:
                 if state["done"] and state["emitted"] >= state["read"]:
                     break
+                if self._draining and out.empty() and not any(g.q.running for g in self._groups.values()):
+                    break
                 get = asyncio.ensure_future(out.get())
                 finished, _ = await asyncio.wait({get, reader} if not reader.done() else {get},
+                                                 timeout=0.2 if self._draining else None,
                                                  return_when=asyncio.FIRST_COMPLETED)
                 if get not in finished:
                     get.cancel()
@@ -169,6 +173,32 @@ class Verifier:
             self._groups.clear()
             self._ca_waiters.clear()
             self.domains.forget_open()
+
+    def drain(self) -> None:
+        """Stop starting sessions (Ctrl-C in ``verify-list``): input is no longer read,
+        recipients still queued are dropped without a verdict, sessions in progress finish
+        and their verdicts still come out; then ``verify_many`` ends."""
+        self._draining = True
+        for g in self._groups.values():
+            g.wake.set()
+
+    def holds(self) -> list[tuple[str, float, str]]:
+        """Receivers whose waiting recipients are held back by our own courtesy, with nothing
+        in progress for them: (receiver, seconds until the next session, why)."""
+        now = self.clock()
+        out = []
+        for g in self._groups.values():
+            q = g.q
+            if q.running or not (q.queue or q.delayed):
+                continue
+            lim = self._limiters.get(q.receiver)
+            if not q.queue:
+                out.append((q.receiver, q.delayed[0][0] - now, "greylisting retry"))
+            elif lim is not None:
+                why = ("backoff" if lim.backoff_until > now else
+                       "budget" if lim.budget() < 1 else "session gap")
+                out.append((q.receiver, lim.ready_in(), why))
+        return out
 
     # ------------------------------------------------------------------ self-audit
     async def self_check(self, *, force: bool = False) -> list[str]:
@@ -235,6 +265,8 @@ class Verifier:
 
         idx = 0
         async for raw in items():
+            if self._draining:
+                break
             if raw is FLUSH:  # the feed has nothing more for now: start what we have
                 flush()
                 continue
@@ -373,6 +405,8 @@ class Verifier:
         q = g.q
         lim = self.limiter(q)
         while q.has_work:
+            if self._draining:  # stopping: nothing new starts; those in progress finish
+                q.drain()
             act = decide(q, lim, self.pool, self.domains, self.clock())
             if isinstance(act, Start):
                 self._spawn(self._session(g, lim, act, inflight))

@@ -22,7 +22,7 @@ from .errors import AddressError, InputError
 from .verdict import Reason, Verdict, input_error
 
 RESULT_COLUMNS = ["status", "reason", "flags", "mx", "smtp_code", "smtp_enhanced", "smtp_text",
-                  "checked_at", "suggestion", "error"]
+                  "checked_at", "suggestion", "error", "retry_after", "mx_ip", "source_ip", "duplicate_of"]
 _HEADER_NAMES = ("email", "e-mail", "email_address", "emailaddress", "email address", "mail",
                  "address", "courriel", "correo")
 _NEUTRALISE = ("=", "+", "-", "@", "\t", "\r")
@@ -147,22 +147,36 @@ class ListReader:
     verdicts: when the guessed delimiter is the trouble and another one reads the file
     cleanly, that one is used (and said in :attr:`notes`)."""
 
-    def __init__(self, fh: IO[str], *, fmt: str | None = None, column: str | None = None) -> None:
+    def __init__(self, fh: IO[str] | None, *, fmt: str | None = None, column: str | None = None,
+                 table: Iterator[tuple[int, list[str]]] | None = None) -> None:
+        """``fh``: CSV or JSON-lines text.  ``table``: (row number, cells) of a spreadsheet
+        instead (``fmt`` then names it, e.g. ``xlsx``); a row's empty tail is padded."""
         self.fh = fh
-        head = fh.read(65536)
-        if head and not head.endswith(("\n", "\r")):
-            head += fh.readline()  # never cut a row in two at the sniffing boundary
-        rest = fh
-        self._text = head
-        self._rest = rest
-        self.fmt = fmt or ("jsonl" if head.lstrip().startswith("{") else "csv")
+        self._pad = table is not None
         self.header: list[str] | None = None
         self.column_index = 0
         self.column_name = column
         self.problems = 0
         #: what the reader decided on its own (e.g. another delimiter than the guessed one)
         self.notes: list[str] = []
+        #: False when neither a header nor the first rows' cells point at an e-mail column
+        self.found_column = True
         self._peek: list[tuple[int, list[str] | None, str]] = []
+        self._it: Iterator[tuple[int, list[str] | None, str]]
+        self._text = ""
+        self._rest: IO[str] | Iterator[str] = iter(())
+        if table is not None:
+            self.fmt = fmt or "xlsx"
+            self._it = ((n, list(cells), "") for n, cells in table)
+            self._detect(column)
+            return
+        assert fh is not None
+        head = fh.read(65536)
+        if head and not head.endswith(("\n", "\r")):
+            head += fh.readline()  # never cut a row in two at the sniffing boundary
+        self._text = head
+        self._rest = fh
+        self.fmt = fmt or ("jsonl" if head.lstrip().startswith("{") else "csv")
         if self.fmt == "csv":
             self._init_csv(head, column)
         else:
@@ -261,6 +275,10 @@ class ListReader:
         dialect, override = self._choose_dialect(head, column)
         self._reader = csv.reader(_clean_lines(self._lines()), dialect, **override)  # type: ignore[arg-type]
         self._it = self._safe_rows()
+        self._detect(column)
+
+    def _detect(self, column: str | None) -> None:
+        """The header and the e-mail column from the first rows (which stay for ``rows``)."""
         sample: list[tuple[int, list[str] | None, str]] = []
         for item in self._it:
             sample.append(item)
@@ -274,6 +292,10 @@ class ListReader:
         if header is not None:
             self.header = header
             self._peek = sample[1:]
+        i = self.column_index
+        self.found_column = column is not None or (
+            header is not None and i < len(header) and header[i].strip().lower() in _HEADER_NAMES) or any(
+            r is not None and i < len(r) and "@" in r[i] for _, r, _ in self._peek)
         self.column_name = self.header[self.column_index] if self.header and \
             self.column_index < len(self.header) else "email"
 
@@ -302,6 +324,8 @@ class ListReader:
                 continue
             if not any(c.strip() for c in cells):
                 continue
+            if self._pad and self.header and len(cells) < len(self.header):
+                cells = cells + [""] * (len(self.header) - len(cells))  # a sheet row's empty tail
             if self.column_index >= len(cells):
                 self.problems += 1
                 yield Row.failed(line, cells, Reason.NO_EMAIL_COLUMN,
@@ -387,14 +411,18 @@ def neutralise(cell: str) -> str:
     return "'" + cell if cell.startswith(_NEUTRALISE) else cell
 
 
-def result_cells(v: Verdict | None, error: str = "") -> list[str]:
-    """The appended columns for one row."""
+def result_cells(v: Verdict | None, error: str = "", duplicate_of: int | None = None) -> list[str]:
+    """The appended columns for one row (:data:`RESULT_COLUMNS`).  ``retry_after`` is in
+    seconds after ``checked_at``; ``duplicate_of`` is the line (sheet row) of the first row
+    with the same address (compared case-insensitively), whose verdict this row shares."""
+    dup = str(duplicate_of) if duplicate_of is not None else ""
     if v is None:
-        return ["", "", "", "", "", "", "", "", "", error]
+        return ["", "", "", "", "", "", "", "", "", error, "", "", "", dup]
     e = v.evidence
     return [v.status.value, v.reason.value, ";".join(sorted(v.flags)), e.mx_host or "",
             str(e.code or ""), e.enhanced or "", (e.text or e.detail or "")[:300], v.checked_at,
-            v.suggestion or "", error]
+            v.suggestion or "", error, f"{v.retry_after:.0f}" if v.retry_after is not None else "",
+            e.mx_ip or "", e.source_ip or "", dup]
 
 
 class ResultWriter:
@@ -415,7 +443,7 @@ class ResultWriter:
             ["input"] if self.jsonl_input else ["email"])
         return [*cols, *RESULT_COLUMNS]
 
-    def cells(self, row: Row, v: Verdict | None) -> list[str]:
+    def cells(self, row: Row, v: Verdict | None, duplicate_of: int | None = None) -> list[str]:
         """One tabular output row (not yet defused): the input cells, then the verdict's."""
         cells = list(row.cells) if row.cells else [row.address]
         width = len(self.header) if self.header and not self.jsonl_input else 1
@@ -423,12 +451,12 @@ class ResultWriter:
             cells += [""] * (width - len(cells))
         elif len(cells) > width:  # long row: fold the extra cells into the last column
             cells = cells[: width - 1] + [",".join(cells[width - 1:])]
-        return [c.replace("\x00", "\u2400") for c in cells] + result_cells(v, row.error)
+        return [c.replace("\x00", "\u2400") for c in cells] + result_cells(v, row.error, duplicate_of)
 
-    def write(self, row: Row, v: Verdict | None) -> None:
-        """One output row."""
+    def write(self, row: Row, v: Verdict | None, duplicate_of: int | None = None) -> None:
+        """One output row (``duplicate_of``: see :func:`result_cells`)."""
         if self.fmt == "csv":
-            self._w.writerow([neutralise(c) for c in self.cells(row, v)])
+            self._w.writerow([neutralise(c) for c in self.cells(row, v, duplicate_of)])
             return
         if self.jsonl_input and row.cells:
             try:
@@ -443,6 +471,8 @@ class ResultWriter:
         base["verdict"] = v.to_dict() if v is not None else None
         if row.error:
             base["error"] = row.error
+        if duplicate_of is not None:
+            base["duplicate_of"] = duplicate_of
         self.fh.write(json.dumps(base, ensure_ascii=False) + "\n")
 
 
@@ -470,9 +500,9 @@ class XlsxResultWriter:
             out.append(c)
         self.ws.append(out)
 
-    def write(self, row: Row, v: Verdict | None) -> None:
+    def write(self, row: Row, v: Verdict | None, duplicate_of: int | None = None) -> None:
         """One output row."""
-        self._append(self._table.cells(row, v))
+        self._append(self._table.cells(row, v, duplicate_of))
 
     def save(self, fh: IO[bytes] | str | Path) -> None:
         """Write the workbook (call once, at the end)."""

@@ -1,0 +1,126 @@
+"""``verify-list`` interrupted (Ctrl-C, then ``kill -9``) and run again: a complete output in
+input order, and no address asked twice -- judged from the sandbox's own session log."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sounding.sandbox.log import read_records, sessions_from
+
+
+def _journal_count(state: Path) -> int:
+    files = list((state / "journals").glob("*.sqlite"))
+    if not files:
+        return 0
+    try:
+        with sqlite3.connect(files[0], timeout=1) as db:
+            return int(db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0])
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "sounding", "verify-list", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def _wait_for_verdicts(proc: subprocess.Popen[str], state: Path, at_least: int, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        n = _journal_count(state)
+        if n >= at_least:
+            return n
+        assert proc.poll() is None, f"verify-list ended early: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} verdicts journaled in {timeout} s")
+
+
+@pytest.mark.slow
+def test_interrupted_verify_list_resumes_in_order_and_never_asks_twice(
+        sandbox_proc: dict[str, str], tmp_path: Path, _state_dir: Path) -> None:
+    with open(sandbox_proc["sample"], encoding="utf-8") as fh:
+        sample = list(csv.DictReader(fh))
+    # the sandbox sample, with case-duplicates of some addresses further down the list
+    src = tmp_path / "list.csv"
+    rows = [(str(i), r["email"]) for i, r in enumerate(sample)]
+    rows += [(f"dup{i}", sample[i]["email"].upper()) for i in range(0, len(sample), 40)]
+    with src.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "email"])
+        w.writerows(rows)
+    out = tmp_path / "out.csv"
+    log = Path(sandbox_proc["log"])
+    offset = log.stat().st_size if log.exists() else 0
+    args = [str(src), "-o", str(out), "--nameserver", sandbox_proc["ns"], "--smtp-port", sandbox_proc["port"],
+            "--allow-private-mx", "--max-wait", "20"]
+
+    # 1. Ctrl-C once some verdicts are in: sessions in progress finish, nothing new starts
+    p1 = _start(args)
+    _wait_for_verdicts(p1, _state_dir, 30)
+    p1.send_signal(signal.SIGINT)
+    _, err1 = p1.communicate(timeout=60)
+    assert p1.returncode == 130, err1
+    assert "interrupted" in err1 and "run the same command again" in err1
+    assert not out.exists()  # no output that looks complete
+    after1 = _journal_count(_state_dir)
+    assert 30 <= after1 < len(rows)
+
+    # 2. kill -9 in the middle of the second run
+    p2 = _start(args)
+    _wait_for_verdicts(p2, _state_dir, after1 + 20)
+    p2.send_signal(signal.SIGKILL)
+    _, err2 = p2.communicate(timeout=30)
+    assert "resuming" in err2
+    assert not out.exists()
+    after2 = _journal_count(_state_dir)
+    assert after2 >= after1 + 20
+
+    # 3. the same command completes: every row, in input order
+    p3 = _start(args)
+    _, err3 = p3.communicate(timeout=240)
+    assert p3.returncode == 0, err3
+    assert f"resuming: {after2:,} of {len(rows):,} rows" in err3
+    with out.open(encoding="utf-8") as fh:
+        got = list(csv.DictReader(fh))
+    assert [(r["id"], r["email"]) for r in got] == rows
+    assert all(r["status"] for r in got)
+    by_id = {r["id"]: r for r in got}
+    for i in range(0, len(sample), 40):  # the copies share the first one's verdict
+        dup, first = by_id[f"dup{i}"], by_id[str(i)]
+        assert dup["duplicate_of"] == str(i + 2)  # the first copy's line (the header is line 1)
+        assert (dup["status"], dup["reason"]) == (first["status"], first["reason"])
+    assert not list((_state_dir / "journals").glob("*.sqlite"))  # done: the journal is gone
+
+    # The sandbox's log: no client address got two definitive answers (2xx/5xx) over the three
+    # runs.  A session cut by kill -9 (no QUIT) had its answers lost with the process, before
+    # they could be journaled: those few may be asked once more, nothing else.
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        tail = fh.read().decode()
+    part = tmp_path / "log-part.jsonl"
+    part.write_text(tail)
+    sessions = sessions_from(read_records(part))
+    # (postmaster@ is also every run's baseline probe of its domain, RFC 5321 §4.5.1: not counted)
+    ours = {r["email"].lower() for r in sample if not r["email"].lower().startswith("postmaster@")}
+    definitive: Counter[str] = Counter()
+    cut: Counter[str] = Counter()
+    for s in sessions:
+        for addr, code in s.rcpts:
+            if addr.lower() in ours and code is not None and (200 <= code < 300 or 500 <= code < 600):
+                (definitive if s.quit_sent else cut)[addr.lower()] += 1
+    assert definitive, "the runs asked nothing?"
+    twice = {a: (definitive[a], cut[a]) for a in ours if definitive[a] > 1 or cut[a] > 1}
+    assert not twice, f"asked twice: {twice}"
+    assert sum(cut.values()) <= 40, cut  # only what was in flight at the kill
+    assert sum(1 for s in sessions if not s.quit_sent) <= 10
