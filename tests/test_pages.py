@@ -10,6 +10,7 @@ page must not scroll sideways.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -37,8 +38,9 @@ WIDTHS = (("desktop", 1280), ("phone", 390))
 
 @pytest.fixture(scope="module")
 def site(sandbox_proc: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    started = time.time()
     with serve_site(sandbox_proc, tmp_path_factory.mktemp("pages")) as info:
-        yield info
+        yield {**info, "started": str(started)}
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +302,98 @@ def test_api_docs_render_offline(browser: Any, site: dict[str, str], shots: Path
     # the licences travel with the files
     for f in ("swagger-ui/LICENSE", "swagger-ui/NOTICE", "redoc/LICENSE"):
         assert httpx.get(f"{site['base']}/static/vendor/{f}").status_code == 200
+
+
+def _sandbox_log(site: dict[str, str]) -> list[dict[str, Any]]:
+    with open(site["log"], encoding="utf-8") as fh:
+        return [r for r in (json.loads(x) for x in fh if x.strip()) if r["t"] >= float(site["started"])]
+
+
+def test_ops_charts_are_real_and_actions_unpause_and_clear(browser: Any, site: dict[str, str],  # noqa: F811
+                                                           shots: Path) -> None:
+    job = _submit(site, "ops.csv", "email\nalice@blocked.example\nalice@honest.example\nbob@honest.example\n"
+                                   "carol@nopipe.example\nnobody1@nopipe.example\n")
+    _wait_done(site, job)
+    time.sleep(1.5)  # session records are flushed every half second
+    log = _sandbox_log(site)
+    connects = sum(1 for r in log if r["ev"] == "connect")
+    rcpts = sum(1 for r in log if r["ev"] == "cmd" and r.get("verb") == "RCPT")
+    assert connects > 0 and rcpts > 0
+    # what the store holds (read with sqlite3, apart from the service)
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(Path(site["dir"]) / "site.db")) as db:
+        n_db, rcpts_db, blocked_db = db.execute(
+            "SELECT count(*), sum(rcpts), sum(blocked) FROM sessions").fetchone()
+    assert (n_db, rcpts_db) == (connects, rcpts)
+    assert blocked_db >= 1
+
+    page = browser.new_page()
+    try:
+        _login(page, site["base"], site["operator"], "/ops")
+        # the charts: their totals are the store's and the sandbox's numbers
+        totals = {k: int(page.locator(f"#chart-{k}").get_attribute("data-total") or -1)
+                  for k in ("sessions", "rcpts", "blocked")}
+        assert totals == {"sessions": connects, "rcpts": rcpts, "blocked": blocked_db}
+        bars = page.locator("#chart-sessions rect")
+        assert bars.count() == 24 and sum(int(bars.nth(i).get_attribute("data-v") or 0) for i in range(24)) == connects
+        assert f"Sessions, last 24h: {connects} in all" in (page.locator("#chart-sessions title").first.text_content()
+                                                             or "")
+        cells = page.locator("#throughput tbody td:nth-child(2)").all_text_contents()
+        assert len(cells) == 24 and sum(int(x) for x in cells) == connects
+        page.get_by_role("link", name="1h").click()
+        assert page.locator("#chart-sessions rect").count() == 12
+        assert int(page.locator("#chart-rcpts").get_attribute("data-total") or -1) == rcpts
+        page.get_by_role("link", name="24h").click()
+
+        # the block paused the receiver and quarantined our source for it
+        paused = page.locator("#paused")
+        assert "mx1.blocked.example" in paused.inner_text()
+        pair = page.locator("#pairs tr", has_text="mx1.blocked.example")
+        assert pair.get_attribute("data-state") == "cooling"
+        screenshot(page, shots, "ops")
+
+        # forged or unauthorised posts change nothing
+        cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+        r = httpx.post(site["base"] + "/ops/receivers/unpause", data={"receiver": "mx1.blocked.example",
+                                                                     "csrf": "forged"}, cookies=cookies)
+        assert r.status_code == 400
+        client = browser.new_page()
+        _login(client, site["base"], site["client"])
+        ccookies = {c["name"]: c["value"] for c in client.context.cookies()}
+        client.close()
+        r = httpx.post(site["base"] + "/ops/receivers/unpause", data={"receiver": "mx1.blocked.example"},
+                       cookies=ccookies)
+        assert r.status_code == 403
+        page.reload()
+        assert "mx1.blocked.example" in page.locator("#paused").inner_text()
+
+        # unpause (the page asks first)
+        page.once("dialog", lambda d: d.accept())
+        page.get_by_role("button", name="Unpause mx1.blocked.example").click()
+        assert "Unpaused mx1.blocked.example." in page.get_by_role("status").inner_text()
+        assert page.locator("#paused").count() == 0
+        # clear the quarantine
+        source = pair.locator("td").first.inner_text()
+        page.once("dialog", lambda d: d.accept())
+        page.get_by_role("button", name=f"Clear {source} for mx1.blocked.example").click()
+        assert f"Cleared {source} for mx1.blocked.example." in page.get_by_role("status").inner_text()
+        assert page.locator("#pairs tr", has_text="mx1.blocked.example").get_attribute("data-state") == "healthy"
+        audit = page.locator("#audit").inner_text()
+        assert "unpause" in audit and "clear" in audit and "ops" in audit and "mx1.blocked.example" in audit
+        screenshot(page, shots, "ops-after-actions")
+    finally:
+        page.close()
+
+    # the actions took effect: the receiver is asked again; its second block bans the source
+    cleared = time.time()
+    job = _submit(site, "again.csv", "email\nbob@blocked.example\n")
+    _wait_done(site, job)
+    assert any(r["ev"] == "connect" and r["server"] == "mx1.blocked.example" for r in _sandbox_log(site)
+               if r["t"] >= cleared)
+    page = browser.new_page()
+    try:
+        _login(page, site["base"], site["operator"], "/ops")
+        assert page.locator("#pairs tr", has_text="mx1.blocked.example").get_attribute("data-state") == "banned"
+    finally:
+        page.close()

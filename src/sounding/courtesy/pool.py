@@ -87,7 +87,7 @@ class PoolEvent:
     """Something the operator should see (conduct report, /ops page)."""
 
     t: float
-    kind: str  # "quarantine" | "ban" | "pause" | "listed" | "delisted"
+    kind: str  # "quarantine" | "ban" | "pause" | "listed" | "delisted" | "unpaused" | "cleared"
     source: str | None
     receiver: str | None
     detail: str
@@ -197,6 +197,27 @@ class SourcePool:
         self._event("pause", None, receiver, why, end)
         self.save()
         return end
+
+    def unpause(self, receiver: str, why: str = "") -> bool:
+        """An operator lifts the pause of ``receiver`` (False if it was not paused)."""
+        if self.paused_until(receiver) is None:
+            return False
+        del self.paused[receiver]
+        self._event("unpaused", None, receiver, why)
+        self.save()
+        return True
+
+    def clear(self, key: str, receiver: str, why: str = "") -> bool:
+        """An operator ends the quarantine or ban of ``key`` for ``receiver`` (False if the
+        pair was healthy).  The block stays on record: another block within the offence
+        memory still bans the source for this receiver."""
+        st = self.pairs.get((key, receiver))
+        if st is None or self.state(key, receiver).rep is Rep.HEALTHY:
+            return False
+        st.rep, st.until = Rep.HEALTHY, 0.0
+        self._event("cleared", key, receiver, why)
+        self.save()
+        return True
 
     def set_listed(self, key: str, listing: str | None) -> None:
         """DNSBL result for ``key``: a listing (text with delisting URL) or None (clean)."""

@@ -29,6 +29,7 @@ from ..engine import Verifier
 from ..errors import AddressError, DNSFailure, InputError
 from ..listio import ListReader
 from ..settings import Settings
+from ..smtp.classify import Outcome, classify
 from ..smtp.client import SessionResult
 from ..store import Store
 from ..store.models import Client, ExemptionRow, Job
@@ -70,13 +71,24 @@ def session_record(res: SessionResult, job_ids: set[str]) -> dict[str, Any]:
         if i + 1 < len(codes):
             c[2] = codes[i + 1]
     lines = [f"{t:.3f} {d} {mask_command(x) if d == '>' else x}" for t, d, x in res.transcript.lines]
+    rcpts = sum(1 for c in cmds if c[0] == "RCPT")
     err = res.error
     outcome = f"{type(err).__name__}: {err}" if err else "completed"
     return {"id": res.transcript.id, "started": res.started or time.time(), "ended": res.ended or time.time(),
             "mx_host": res.mx_host.lower(), "mx_ip": res.mx_ip, "source_ip": res.source_ip or "",
             "domains": " " + " ".join(sorted(domains)) + " " if domains else "",
             "job_ids": " ".join(sorted(job_ids)), "commands": cmds, "outcome": outcome[:200],
-            "transcript": "\n".join(lines)}
+            "transcript": "\n".join(lines), "rcpts": rcpts, "blocked": was_blocked(res)}
+
+
+def was_blocked(res: SessionResult) -> bool:
+    """Did the receiver refuse our IP in this session (a greeting or command refused as a
+    block, or a recipient refused with a blocklist/reputation reply)?"""
+    out = res.outcome
+    if out.fatal_class is not None and out.fatal_class.outcome is Outcome.IP_BLOCKED:
+        return True
+    replies = [r for r in (out.greeting, out.fatal, *out.replies.values()) if r is not None]
+    return any(classify(r).outcome is Outcome.IP_BLOCKED for r in replies)
 
 
 @dataclass
@@ -190,6 +202,25 @@ class Service:
             if n % 60 == 0:
                 with contextlib.suppress(Exception):
                     await self.check_proofs()  # pending opt-outs whose TXT proof appeared
+
+    async def operator_action(self, actor: str, action: str, receiver: str, source: str = "") -> bool:
+        """An operator lifts a receiver's pause (``unpause``) or a source's quarantine or ban
+        for a receiver (``clear``); applied at once, saved, and written to the audit log.
+        False when there was nothing to lift."""
+        pool = self.verifier.pool
+        why = f"by {actor}"
+        if action == "unpause":
+            done = pool.unpause(receiver, why)
+            target = receiver
+        elif action == "clear":
+            done = pool.clear(source, receiver, why)
+            target = f"{source} -> {receiver}"
+        else:
+            raise ValueError(action)
+        if done:
+            await self._save_pool()
+            await self.store.audit(actor, action, target)
+        return done
 
     async def _save_pool(self) -> None:
         d = self.verifier.pool.to_dict()

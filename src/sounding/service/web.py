@@ -540,7 +540,7 @@ def chart(by_status: dict[str, int], scale: float = 200) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ operator
 @router.get("/ops", response_class=HTMLResponse)
-async def ops(request: Request) -> Response:
+async def ops(request: Request, window: str = "24h") -> Response:
     c = await _client(request)
     if c is None or not c.operator:
         return render(request, "login.html", {"error": "" if c is None else "Operators only.", "next": "/ops"},
@@ -551,8 +551,9 @@ async def ops(request: Request) -> Response:
     pairs = []
     for (src, rcv), _st in sorted(pool.pairs.items()):
         cur = pool.state(src, rcv)
-        pairs.append({"source": src, "receiver": rcv, "state": cur.rep.value, "until": _utc(cur.until),
-                      "detail": cur.detail[:160]})
+        pairs.append({"source": src, "receiver": rcv, "state": cur.rep.value,
+                      "until": _utc(cur.until) if cur.rep.value != "healthy" else "—",
+                      "blocks": len(cur.blocks), "detail": cur.detail[:160]})
     listed = []
     for key, text in sorted(pool.listed.items()):
         urls = [w for w in text.split() if w.startswith("http")]
@@ -560,14 +561,14 @@ async def ops(request: Request) -> Response:
     paused = [{"receiver": r, "until": _utc(u), "why": why[:200]} for r, (u, why) in sorted(pool.paused.items())
               if u > now]
     sources = [{"key": x.key, "healthy": x.key not in pool.listed} for x in pool.sources]
-    recent = await svc.store.recent_sessions(now - 3600)
-    counts = [[0, 0] for _ in range(12)]
-    for t, n in recent:
-        i = min(11, max(0, int((t - (now - 3600)) // 300)))
-        counts[i][0] += 1
-        counts[i][1] += n
-    buckets = [{"start": _utc(now - 3600 + i * 300)[11:16], "sessions": c[0], "rcpts": c[1]}
-               for i, c in enumerate(counts)]
+    window = window if window in WINDOWS else "24h"
+    width, n = WINDOWS[window]
+    since = (now // width + 1) * width - width * n  # whole buckets, the last one holds "now"
+    buckets = await svc.store.throughput(since, width, n)
+    charts = [timeline(buckets, field, label, colour, window) for field, label, colour in (
+        ("sessions", "Sessions", "#0b57d0"), ("rcpts", "RCPTs", "#1b7f3b"), ("blocked", "Blocked sessions", "#b3261e"))]
+    table = [{"start": _bucket_label(b.start, width), "sessions": b.sessions, "rcpts": b.rcpts, "blocked": b.blocked}
+             for b in buckets]
     changes = []
     try:
         from ..courtesy.canaries import CanaryBook
@@ -587,7 +588,9 @@ async def ops(request: Request) -> Response:
     exemptions = await svc.store.exemptions()
     return render(request, "ops.html", {
         "client": c, "sources": sources, "pairs": pairs, "listed": listed, "paused": paused,
-        "exemptions": exemptions, "changes": changes, "buckets": buckets,
+        "exemptions": exemptions, "changes": changes, "buckets": table, "charts": charts, "window": window,
+        "windows": list(WINDOWS), "audit": await svc.store.audit_log(30),
+        "notice": request.query_params.get("done", "")[:300],
         "conduct": svc.verifier.stats.as_dict(), "in_flight": svc.dispatcher.in_flight,
         "utc": _utc})
 
@@ -604,8 +607,90 @@ async def ops_exemption(request: Request, exemption_id: int, action: str,
     if action not in ("approve", "remove") or not 0 < exemption_id < 2**31:
         return error_page(request, 404, "No such action.")
     svc = _svc(request)
+    row = await svc.store.exemption(exemption_id)
     ok = await (svc.approve_exemption(exemption_id, c.name) if action == "approve"
                 else svc.remove_exemption(exemption_id))
-    if not ok:
+    if not ok or row is None:
         return error_page(request, 404, "No such exemption.")
-    return RedirectResponse("/ops", status_code=303)
+    await svc.store.audit(c.name, f"opt-out {action}", f"{row.kind} {row.value}", row.note[:300])
+    return RedirectResponse("/ops?done=" + quote(f"{'Approved' if action == 'approve' else 'Removed'} {row.value}."),
+                            status_code=303)
+
+
+#: chart windows: bucket width (s) and number of buckets
+WINDOWS = {"1h": (300.0, 12), "24h": (3600.0, 24), "7d": (6 * 3600.0, 28)}
+
+
+def _bucket_label(t: float, width: float) -> str:
+    d = dt.datetime.fromtimestamp(t, dt.UTC)
+    return d.strftime("%m-%d %H:%M") if width >= 6 * 3600 else d.strftime("%H:%M")
+
+
+def _nice(n: int) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, 100 ... at least ``n``: a readable axis maximum."""
+    top = 1
+    while top < n:
+        top = top * 5 // 2 if str(top)[0] == "2" else top * 2
+    return top
+
+
+def timeline(buckets: list[Any], field: str, label: str, colour: str, window: str) -> dict[str, Any]:
+    """A bar chart of one throughput series as SVG geometry (drawn by the template): bars,
+    a y axis from 0 to a round maximum, three time labels, and a text summary for
+    assistive technology."""
+    W, H, left, top, bottom = 480, 180, 50, 14, 30
+    pw, ph = W - left - 8, H - top - bottom
+    values = [int(getattr(b, field)) for b in buckets]
+    ymax = _nice(max(values, default=0) or 1)
+    bw = pw / max(len(values), 1)
+    bars = []
+    for i, v in enumerate(values):
+        h = round(ph * v / ymax, 2)
+        bars.append({"x": round(left + i * bw + 0.5, 2), "w": round(max(bw - 1.5, 1), 2), "y": round(top + ph - h, 2),
+                     "h": h, "v": v, "t": _bucket_label(buckets[i].start, buckets[i].width)})
+    levels = (0, ymax // 2, ymax) if ymax % 2 == 0 else (0, ymax)  # whole numbers only
+    ticks = [{"y": round(top + ph - ph * v / ymax, 2), "v": v} for v in levels]
+    xl = [] if not buckets else [
+        {"x": left, "anchor": "start", "t": bars[0]["t"]},
+        {"x": round(left + pw / 2, 2), "anchor": "middle", "t": bars[len(bars) // 2]["t"]},
+        {"x": left + pw, "anchor": "end", "t": "now"}]
+    total = sum(values)
+    peak = max(range(len(values)), key=lambda i: values[i]) if values else 0
+    summary = (f"{label}, last {window}: {total} in all" +
+               (f", at most {values[peak]} per bucket (from {bars[peak]['t']} UTC)" if total else ", none"))
+    return {"id": field, "label": label, "colour": colour, "bars": bars, "ticks": ticks, "xlabels": xl,
+            "W": W, "H": H, "left": left, "right": W - 8, "base": top + ph, "total": total, "summary": summary}
+
+
+async def _operator(request: Request, csrf: str) -> tuple[Client | None, Response | None]:
+    c = await _client(request)
+    if c is None or not c.operator:
+        return None, error_page(request, 403, "Operators only.")
+    if not _csrf_ok(request, csrf):
+        return None, error_page(request, 400, "The form expired; go back to /ops and try again.")
+    return c, None
+
+
+@router.post("/ops/receivers/unpause")
+async def ops_unpause(request: Request, receiver: Annotated[str, Form(max_length=300)] = "",
+                      csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """Lift a receiver's pause (operators; CSRF-checked; audit-logged)."""
+    c, refused = await _operator(request, csrf)
+    if c is None:
+        return refused or error_page(request, 403, "Operators only.")
+    if not await _svc(request).operator_action(c.name, "unpause", receiver):
+        return error_page(request, 404, f"{receiver} is not paused.")
+    return RedirectResponse("/ops?done=" + quote(f"Unpaused {receiver}."), status_code=303)
+
+
+@router.post("/ops/quarantine/clear")
+async def ops_clear(request: Request, source: Annotated[str, Form(max_length=300)] = "",
+                    receiver: Annotated[str, Form(max_length=300)] = "",
+                    csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+    """End a source's quarantine (or ban) for a receiver (operators; CSRF-checked; audit-logged)."""
+    c, refused = await _operator(request, csrf)
+    if c is None:
+        return refused or error_page(request, 403, "Operators only.")
+    if not await _svc(request).operator_action(c.name, "clear", receiver, source):
+        return error_page(request, 404, f"{source} is not quarantined for {receiver}.")
+    return RedirectResponse("/ops?done=" + quote(f"Cleared {source} for {receiver}."), status_code=303)

@@ -138,6 +138,20 @@ class SessionLog(Base):
     commands: Mapped[list[Any]] = mapped_column(JSON)  # [[verb, masked argument, reply code], ...]
     outcome: Mapped[str] = mapped_column(String(200), default="")
     transcript: Mapped[bytes] = mapped_column(LargeBinary)  # zlib-compressed text
+    rcpts: Mapped[int] = mapped_column(Integer, default=0)  # RCPT commands sent
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)  # the receiver refused our IP
+
+
+class AuditEntry(Base):
+    """Something an operator did (unpause a receiver, clear a quarantine, approve an opt-out)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(300))
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 class KeyValue(Base):

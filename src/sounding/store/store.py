@@ -23,7 +23,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, delete, event, func, or_, select, update
+from sqlalchemy import Connection, Integer, case, delete, event, func, or_, select, update
+from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -31,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from ..errors import StoreError
 from ..settings import default_state_dir
 from .models import (
+    AuditEntry,
     CachedVerdict,
     Client,
     DomainInfo,
@@ -101,6 +103,17 @@ class Progress:
 
 def _iso(t: float | None) -> str | None:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds") if t else None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Throughput in one time bucket (the /ops charts)."""
+
+    start: float
+    width: float
+    sessions: int = 0
+    rcpts: int = 0
+    blocked: int = 0
 
 
 class QuotaExceeded(StoreError):
@@ -511,6 +524,25 @@ class Store:
             return list((await s.execute(select(SessionLog).where(cond).order_by(
                 SessionLog.started.desc()).limit(limit))).scalars())
 
+    async def throughput(self, since: float, width: float, n: int) -> list[Bucket]:
+        """Sessions, recipients asked and blocked sessions in ``n`` buckets of ``width``
+        seconds from ``since`` (the /ops charts), counted by the database."""
+        offset = SessionLog.started - since
+        if self.dialect == "sqlite":  # CAST truncates; the offset is never negative here
+            idx: Any = sa_cast(offset / width, Integer)
+        else:  # PostgreSQL's CAST rounds: floor first
+            idx = sa_cast(func.floor(offset / width), Integer)
+        q = (select(idx.label("i"), func.count(), func.coalesce(func.sum(SessionLog.rcpts), 0),
+                    func.coalesce(func.sum(case((SessionLog.blocked, 1), else_=0)), 0))
+             .where(SessionLog.started >= since, SessionLog.started < since + width * n).group_by(idx))
+        async with self.session() as s:
+            rows = (await s.execute(q)).all()
+        out = [Bucket(since + i * width, width) for i in range(n)]
+        for i, sessions, rcpts, blocked in rows:
+            if 0 <= int(i) < n:
+                out[int(i)] = Bucket(since + int(i) * width, width, int(sessions), int(rcpts), int(blocked))
+        return out
+
     async def recent_sessions(self, since: float) -> list[tuple[float, int]]:
         """(start time, recipients) of sessions since ``since`` (throughput on /ops)."""
         async with self.session() as s:
@@ -526,6 +558,21 @@ class Store:
     @staticmethod
     def transcript_text(row: SessionLog) -> str:
         return zlib.decompress(row.transcript).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ audit
+    async def audit(self, actor: str, action: str, target: str, detail: str = "") -> AuditEntry:
+        """Record an operator's action."""
+        row = AuditEntry(at=time.time(), actor=actor[:200], action=action[:64], target=target[:300],
+                         detail=detail[:2000])
+        async with self.session() as s, s.begin():
+            s.add(row)
+        return row
+
+    async def audit_log(self, limit: int = 50) -> list[AuditEntry]:
+        """The newest operator actions first."""
+        async with self.session() as s:
+            return list((await s.execute(select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc())
+                                         .limit(limit))).scalars())
 
     # ------------------------------------------------------------------ kv
     async def get_kv(self, name: str) -> dict[str, Any] | None:
