@@ -86,7 +86,7 @@ LIST = ("name,email\n"
         "Alice,alice@honest.example\nBob,bob@honest.example\nNobody,nobody1@honest.example\n"
         "Former,former@honest.example\nCarol,carol@catchall.example\nGone,x@nxdomain.example\n"
         "Blocked,alice@blocked.example\nBroken,not-an-address\n"
-        "Formula,=1+1@honest.example\n")
+        "Formula,=1+1@honest.example\nTypo,alice@gmial.com\n")
 
 
 def test_job_page_evidence_legend_and_filtered_exports(browser: Any, site: dict[str, str],  # noqa: F811
@@ -125,6 +125,9 @@ def test_job_page_evidence_legend_and_filtered_exports(browser: Any, site: dict[
         blocked.get_by_text("Show").click()
         bl = blocked.locator("dl.evidence").inner_text()
         assert "unknown" in blocked.inner_text() and "Retry" in bl and "UTC" in bl
+        typo = page.locator("#results tbody tr", has_text="alice@gmial.com")
+        typo.get_by_text("Show").click()
+        assert "Did you mean\nalice@gmail.com" in typo.locator("dl.evidence").inner_text()
         screenshot(page, shots, "job-done-evidence")
 
         # the transcript behind the evidence (recipients masked)
@@ -172,7 +175,7 @@ def test_api_exports_filter_by_status_and_reason(site: dict[str, str]) -> None:
     h = {"X-API-Key": site["client"]}
     url = f"{site['base']}/v1/jobs/{job}/results"
     whole = list(csv.DictReader(io.StringIO(httpx.get(url, headers=h).text)))
-    assert len(whole) == 9
+    assert len(whole) == 10
     # every status filter returns exactly the rows of that status, in input order
     for st in {r["status"] for r in whole}:
         part = list(csv.DictReader(io.StringIO(httpx.get(url, headers=h, params={"status": st}).text)))
@@ -341,6 +344,10 @@ def test_ops_charts_are_real_and_actions_unpause_and_clear(browser: Any, site: d
                                                              or "")
         cells = page.locator("#throughput tbody td:nth-child(2)").all_text_contents()
         assert len(cells) == 24 and sum(int(x) for x in cells) == connects
+        # and the verifier's own counters agree
+        conduct = dict(r.split("\t") for r in page.locator("table", has_text="sessions_per_address")
+                       .locator("tr").all_inner_texts())
+        assert (int(conduct["sessions"]), int(conduct["rcpts"])) == (connects, rcpts)
         page.get_by_role("link", name="1h").click()
         assert page.locator("#chart-sessions rect").count() == 12
         assert int(page.locator("#chart-rcpts").get_attribute("data-total") or -1) == rcpts
@@ -395,5 +402,22 @@ def test_ops_charts_are_real_and_actions_unpause_and_clear(browser: Any, site: d
     try:
         _login(page, site["base"], site["operator"], "/ops")
         assert page.locator("#pairs tr", has_text="mx1.blocked.example").get_attribute("data-state") == "banned"
+    finally:
+        page.close()
+
+
+def test_public_pages_fit_a_phone(browser: Any, site: dict[str, str], shots: Path) -> None:  # noqa: F811
+    """Every other page, screenshotted at both widths, never scrolls sideways."""
+    job = _submit(site, "lookup.csv", "email\nalice@honest.example\nnobody1@honest.example\n")
+    _wait_done(site, job)
+    time.sleep(1.0)
+    page = browser.new_page()
+    try:
+        for name, path in (("policy", "/"), ("opt-out", "/opt-out"), ("lookup", "/lookup?q=honest.example"),
+                           ("login", "/app"), ("ops-login", "/ops"), ("not-found", "/app/jobs/nope")):
+            page.goto(site["base"] + path)
+            if name == "lookup":
+                assert page.locator("tr.session").count() >= 1
+            screenshot(page, shots, name)
     finally:
         page.close()

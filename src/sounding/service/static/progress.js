@@ -15,7 +15,7 @@
       var rect = document.querySelector('#chart rect[data-status="' + b.label + '"]');
       var label = document.querySelector('#chart text[data-count="' + b.label + '"]');
       if (rect) { rect.setAttribute("width", b.w); }
-      if (label) { label.setAttribute("x", 116 + b.w); label.textContent = b.n + " (" + b.pct + " %)"; }
+      if (label) { label.setAttribute("x", 126 + b.w); label.textContent = b.n + " (" + b.pct + " %)"; }
       summary.push(b.label + " " + b.n + " (" + b.pct + " %)");
     });
     text("chart-title", "Status breakdown: " + summary.join(", "));
