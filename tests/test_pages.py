@@ -386,8 +386,16 @@ def test_ops_charts_are_real_and_actions_unpause_and_clear(browser: Any, site: d
         page.get_by_role("button", name=f"Clear {source} for mx1.blocked.example").click()
         assert f"Cleared {source} for mx1.blocked.example." in page.get_by_role("status").inner_text()
         assert page.locator("#pairs tr", has_text="mx1.blocked.example").get_attribute("data-state") == "healthy"
+        # removing an opt-out entry is audit-logged too
+        r = httpx.post(site["base"] + "/v1/exemptions", headers={"X-API-Key": site["operator"]},
+                       json={"value": "retired.example", "note": "test entry"})
+        assert r.status_code == 201, r.text
+        page.reload()
+        page.get_by_role("button", name="Remove retired.example").click()
+        assert "Removed retired.example." in page.get_by_role("status").inner_text()
         audit = page.locator("#audit").inner_text()
         assert "unpause" in audit and "clear" in audit and "ops" in audit and "mx1.blocked.example" in audit
+        assert "opt-out remove" in audit and "domain retired.example" in audit
         screenshot(page, shots, "ops-after-actions")
     finally:
         page.close()
