@@ -306,3 +306,58 @@ def test_public_suffix_list_is_bundled_and_never_fetched(tmp_path: Path) -> None
             "print(p.assess('domain', 'co.uk').decision, p.assess('domain', 'bbc.co.uk').decision)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split() == ["refused", "effective"], r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- lookup
+async def _lookup(http: httpx.AsyncClient, q: str, **params: Any) -> httpx.Response:
+    return await http.get("/lookup", params={"q": q, **params})
+
+
+async def test_lookup_answers_exact_names_masks_quoted_local_parts_and_pairs_quit_with_221(
+        provider_site: dict[str, Any]) -> None:
+    site, http = provider_site, provider_site["http"]
+    got = await _verify(site, '"secret>leak"@own.example')
+    assert got["status"] != "deliverable", got  # the sandbox refuses it (a relay refusal)
+    assert (await _verify(site, "alice@customer3.example"))["status"] == "deliverable"
+    for _ in range(50):  # sessions are stored by the service's housekeeping (every 0.5 s)
+        page = await _lookup(http, "own.example")
+        if "1 session with" in page.text:
+            break
+        await asyncio.sleep(0.2)
+    assert page.status_code == 200 and "1 session with own.example" in page.text, page.text
+    assert "secret" not in page.text and "leak" not in page.text and "***@own.example" in page.text
+    cmds = re.findall(r"<code>(\w+)[^<]*</code> → (\S+)</li>", page.text)
+    assert cmds[-1] == ("QUIT", "221"), cmds
+    assert cmds[0] == ("EHLO", "250") and ("MAIL", "250") in cmds, cmds
+    assert any(c == "RCPT" and code.startswith("5") for c, code in cmds), cmds
+    assert "customer3" not in page.text
+
+    # wildcards, NUL, bare top-level domains, public suffixes and wide ranges list nothing
+    sb = site["sb"]
+    for q in ("%", "%00", "\x00", "_", "%.example", "*.example", "example", "co.uk", "own%", "own_example",
+              "127.0.0.0/8", "::/0", f"{sb.ip_of('mx.own.example')}/16"):
+        r = await _lookup(http, q)
+        assert r.status_code == 400 and 'class="session"' not in r.text and "sessions with" not in r.text, q
+        assert "***@" not in r.text and "customer3.example" not in r.text, q
+    # an exact MX address, its /24 and the MX host name work
+    mx_ip = sb.ip_of("mx.own.example")
+    for q in (mx_ip, mx_ip.rsplit(".", 1)[0] + ".0/24", "mx.own.example"):
+        r = await _lookup(http, q)
+        assert r.status_code == 200 and "***@own.example" in r.text and "secret" not in r.text, q
+
+
+async def test_lookup_is_paged_and_rate_limited(provider_site: dict[str, Any]) -> None:
+    site, http = provider_site, provider_site["http"]
+    async with opened(site["db"]) as st:
+        await st.add_sessions([{"id": f"s{i:03d}", "started": 1000.0 + i, "ended": 1001.0 + i,
+                                "mx_host": "mx.paged.example", "mx_ip": "192.0.2.7", "source_ip": "",
+                                "domains": " paged.example ", "job_ids": "", "commands": [],
+                                "outcome": "completed",
+                                "transcript": f"{i}.0 < 220 hi\n{i}.1 > QUIT\n{i}.2 < 221 bye"}
+                               for i in range(120)])
+    r = await _lookup(http, "paged.example")
+    assert "120 sessions with paged.example (page 1 of 3)" in r.text and r.text.count('class="session"') == 50
+    r = await _lookup(http, "paged.example", page=3)
+    assert r.text.count('class="session"') == 20 and "QUIT </code> → 221" in r.text
+    codes = [(await _lookup(http, "192.0.2.7")).status_code for _ in range(30)]
+    assert 429 in codes and codes[0] == 200

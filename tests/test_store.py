@@ -128,11 +128,19 @@ async def test_cache_expiry_exemptions_sessions_and_kv(db_url: str) -> None:
             {**base, "id": "s2", "started": now - 1, "mx_host": "mx.other_x.example", "mx_ip": "127.9.0.2",
              "domains": " other_x.example ", "commands": [["QUIT", "", 221]]},
         ])
-        assert [s.id for s in await st.lookup("shop.example")] == ["s1"]
-        assert [s.id for s in await st.lookup("127.9.0.2")] == ["s2"]
-        assert [s.id for s in await st.lookup("MX1.Shop.Example.")] == ["s1"]
-        assert await st.lookup("other%x.example") == []  # LIKE wildcards are escaped
-        assert Store.transcript_text((await st.lookup("127.9.0.1"))[0]).endswith("221 bye")
+        async def ids(kind: str, value: str) -> list[str]:
+            return [s.id for s in (await st.lookup(kind, value))[0]]
+        assert await ids("name", "shop.example") == ["s1"]
+        assert await ids("ip", "127.9.0.2") == ["s2"]
+        assert await ids("name", "MX1.Shop.Example.") == ["s1"]
+        assert await ids("name", "other%x.example") == []  # LIKE wildcards are escaped
+        assert await ids("name", "other_x.example") == ["s2"]
+        assert await ids("name", "example") == []  # exact names only: no suffix matching
+        assert await ids("ip", "127.0.0.1") == []  # our own source address lists nothing
+        assert await ids("cidr", "127.9.0.0/24") == ["s2", "s1"]  # newest first
+        rows, total = await st.lookup("cidr", "127.9.0.0/24", offset=1, limit=1)
+        assert [r.id for r in rows] == ["s1"] and total == 2
+        assert Store.transcript_text((await st.lookup("ip", "127.9.0.1"))[0][0]).endswith("221 bye")
         assert sorted(n for _, n in await st.recent_sessions(now - 60)) == [0, 1]
 
         await st.put_kv("pool", {"a": 1})

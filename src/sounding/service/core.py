@@ -36,41 +36,22 @@ from ..store.models import Client, ExemptionRow, Job
 from ..store.registry import as_exemption
 from ..verdict import Evidence, Reason, Status, Verdict, unparseable
 from .dispatch import Dispatcher
+from .transcripts import mask_line, pair_commands, rcpt_domain
 
 log = logging.getLogger(__name__)
 
 JOBS_AT_ONCE = 8
 LEASE = 15.0  # seconds; renewed every LEASE/3 — a dead worker's job is taken over after this
-_RCPT = re.compile(r"^(RCPT\s+TO:\s*<)([^@>]*)(@[^>]*>.*)$", re.I)
-
-
-def mask_command(line: str) -> str:
-    """Hide recipients' local parts (the lookup page is public): RCPT TO:<***@domain>."""
-    m = _RCPT.match(line)
-    if m:
-        return f"{m.group(1)}***{m.group(3)}"
-    return line
 
 
 def session_record(res: SessionResult, job_ids: set[str]) -> dict[str, Any]:
-    """What we keep of a session: the commands and reply codes, paired in order (RFC 2920
-    keeps replies in command order, so pipelining pairs the same way), and the transcript."""
-    cmds: list[list[Any]] = []
-    codes: list[int] = []
-    domains: set[str] = set()
-    for _t, d, text in res.transcript.lines:
-        if d == ">":
-            verb = text.split(" ", 1)[0].upper()
-            cmds.append([verb, mask_command(text)[len(verb):].strip()[:200], None])
-            m = _RCPT.match(text)
-            if m:
-                domains.add(m.group(3)[1:].split(">", 1)[0].lower())
-        elif d == "<" and len(text) >= 4 and text[:3].isdigit() and text[3:4] != "-":
-            codes.append(int(text[:3]))
-    for i, c in enumerate(cmds):  # codes[0] is the greeting
-        if i + 1 < len(codes):
-            c[2] = codes[i + 1]
-    lines = [f"{t:.3f} {d} {mask_command(x) if d == '>' else x}" for t, d, x in res.transcript.lines]
+    """What we keep of a session: the commands paired with their reply codes (each complete
+    reply answers the oldest waiting command; RFC 2920 keeps pipelined replies in order) and
+    the transcript, recipients' local parts masked (the lookup page is public)."""
+    lines = res.transcript.lines
+    domains = {d for _t, direction, x in lines if direction == ">" and (d := rcpt_domain(x))}
+    text = "\n".join(f"{t:.3f} {d} {mask_line(d, x)}" for t, d, x in lines)
+    cmds = pair_commands(lines)
     rcpts = sum(1 for c in cmds if c[0] == "RCPT")
     err = res.error
     outcome = f"{type(err).__name__}: {err}" if err else "completed"
@@ -78,7 +59,7 @@ def session_record(res: SessionResult, job_ids: set[str]) -> dict[str, Any]:
             "mx_host": res.mx_host.lower(), "mx_ip": res.mx_ip, "source_ip": res.source_ip or "",
             "domains": " " + " ".join(sorted(domains)) + " " if domains else "",
             "job_ids": " ".join(sorted(job_ids)), "commands": cmds, "outcome": outcome[:200],
-            "transcript": "\n".join(lines), "rcpts": rcpts, "blocked": was_blocked(res)}
+            "transcript": text, "rcpts": rcpts, "blocked": was_blocked(res)}
 
 
 def was_blocked(res: SessionResult) -> bool:

@@ -34,6 +34,7 @@ from ..store.models import Client, Job, JobRow
 from ..verdict import Reason
 from .api import EXPORT_MEDIA, export_response, read_limited
 from .core import Service
+from .transcripts import mask_local_parts, pair_commands, parse_stored
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -252,28 +253,69 @@ async def optout_status(request: Request, value: str = "") -> HTMLResponse:
 _check_limit = _RateLimit(10, 60)
 
 
+_lookup_limit = _RateLimit(30, 60)
+LOOKUP_PAGE = 50
+_HOST = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))+$")
+
+
+def lookup_query(q: str, psl: Any) -> tuple[str, str]:
+    """``(kind, value)`` for an exact IP address (``ip``), an MX host or mail domain
+    (``name``) or a range no wider than /24 (IPv6: /48) (``cidr``); InputError otherwise —
+    patterns, bare top-level domains and public suffixes list nothing."""
+    q = q.strip().lower().rstrip(".")
+    if not q or len(q) > 253 or not q.isprintable() or any(c.isspace() for c in q):
+        raise InputError("Enter an IP address, a range (/24 or narrower) or a domain name.")
+    try:
+        return "ip", str(ipaddress.ip_address(q))
+    except ValueError:
+        pass
+    if "/" in q:
+        try:
+            net = ipaddress.ip_network(q, strict=False)
+        except ValueError:
+            raise InputError("That is not an IP range.") from None
+        if net.prefixlen < (24 if net.version == 4 else 48):
+            raise InputError("Ranges wider than a /24 (IPv6: /48) are not looked up; enter a narrower one.")
+        return "cidr", str(net)
+    try:
+        name = q.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InputError("That is not a domain name.") from None
+    if not _HOST.match(name):
+        raise InputError("Enter an exact domain or mail server name (no wildcards).")
+    if psl.is_public(name):
+        raise InputError(f"{name} is a public suffix, not a domain: enter your own domain.")
+    return "name", name
+
+
 @router.get("/lookup", response_class=HTMLResponse)
-async def lookup(request: Request, q: str = "") -> HTMLResponse:
+async def lookup(request: Request, q: str = "", page: int = 1) -> HTMLResponse:
     q = q.strip()[:255]
+    page = max(1, min(page, 10_000))
     error = ""
     sessions: list[dict[str, Any]] = []
+    total = 0
     if q:
-        valid = True
+        ip = request.client.host if request.client else "?"
+        svc = _svc(request)
         try:
-            ipaddress.ip_address(q)
-        except ValueError:
-            try:
-                parse_entry(q, "mx")
-            except InputError:
-                valid = False
-        if not valid:
-            error = "Enter an IP address or a domain name."
+            kind, value = lookup_query(q, svc.optout.psl)
+        except InputError as exc:
+            error = str(exc)
         else:
-            for row in await _svc(request).store.lookup(q):
+            if not _lookup_limit.allow(ip):
+                return render(request, "lookup.html", {"q": q, "sessions": [], "error": "Too many look-ups from "
+                              "your address; please wait a minute.", "total": 0, "page": 1, "pages": 1}, 429)
+            rows, total = await svc.store.lookup(kind, value, offset=(page - 1) * LOOKUP_PAGE, limit=LOOKUP_PAGE)
+            for row in rows:
+                lines = parse_stored(svc.store.transcript_text(row))
                 sessions.append({"time": _utc(row.started), "duration": f"{max(row.ended - row.started, 0):.1f} s",
                                  "source_ip": row.source_ip, "mx_host": row.mx_host, "mx_ip": row.mx_ip,
-                                 "commands": row.commands, "outcome": row.outcome, "id": row.id})
-    return render(request, "lookup.html", {"q": q, "sessions": sessions, "error": error})
+                                 "commands": pair_commands(lines) if lines else row.commands,
+                                 "outcome": row.outcome, "id": row.id})
+    pages = max(1, -(-total // LOOKUP_PAGE))
+    return render(request, "lookup.html", {"q": q, "sessions": sessions, "error": error, "total": total,
+                                           "page": page, "pages": pages}, 400 if error else 200)
 
 
 def _utc(t: float | None) -> str:
@@ -474,7 +516,6 @@ async def app_transcript(request: Request, job_id: str, session_id: str) -> Resp
         "lines": transcript_lines(_svc(request).store.transcript_text(row))})
 
 
-_LOCAL_PART = re.compile(r"[^\s<>()\[\]:;,\"@]+@(?=[A-Za-z0-9.\[-])")
 
 
 def transcript_lines(text: str) -> list[tuple[str, str, str]]:
@@ -489,10 +530,10 @@ def transcript_lines(text: str) -> list[tuple[str, str, str]]:
         try:
             t = float(t_text)
         except ValueError:
-            out.append(("", "", _LOCAL_PART.sub("***@", line)))
+            out.append(("", "", mask_local_parts(line)))
             continue
         t0 = t if t0 is None else t0
-        out.append((f"{t - t0:.3f}", direction, _LOCAL_PART.sub("***@", body)))
+        out.append((f"{t - t0:.3f}", direction, mask_local_parts(body)))
     return out
 
 

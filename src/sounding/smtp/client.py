@@ -129,9 +129,10 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
             phase = "greeting"
             wait = timeouts.greeting
 
-            def seen(reply: Reply) -> None:
-                for ln in reply.lines:
-                    tr.add("<", f"{reply.code} {ln}")
+            def seen(reply: Reply) -> None:  # as on the wire: "250-" continues, "250 " ends (RFC 5321 §4.2.1)
+                last = len(reply.lines) - 1
+                for i, ln in enumerate(reply.lines):
+                    tr.add("<", f"{reply.code}{' ' if i == last else '-'}{ln}")
 
             while not session.done:
                 try:

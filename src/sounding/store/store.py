@@ -512,17 +512,34 @@ class Store:
                 await s.execute(self._insert(SessionLog).values(**d).on_conflict_do_nothing(
                     index_elements=["id"]))
 
-    async def lookup(self, query: str, limit: int = 200) -> list[SessionLog]:
-        """Our sessions to an MX address, an MX host, or a mail domain (and its subdomains)."""
-        q = query.strip().lower().rstrip(".")
-        if not q:
-            return []
-        cond = or_(SessionLog.mx_ip == q, SessionLog.source_ip == q, SessionLog.mx_host == q,
-                   SessionLog.mx_host.like(f"%.{_like(q)}", escape="\\"),
-                   SessionLog.domains.like(f"% {_like(q)} %", escape="\\"))
+    async def lookup(self, kind: str, value: str, *, offset: int = 0,
+                     limit: int = 50) -> tuple[list[SessionLog], int]:
+        """Our sessions to one MX address (``ip``), one MX host or mail domain (``name``,
+        exactly: no subdomains, no patterns), or MX addresses in a range (``cidr``; the caller
+        keeps it narrow) — newest first, a page of them, and how many there are."""
+        order = SessionLog.started.desc()
         async with self.session() as s:
-            return list((await s.execute(select(SessionLog).where(cond).order_by(
-                SessionLog.started.desc()).limit(limit))).scalars())
+            if kind == "cidr":
+                net = ipaddress.ip_network(value, strict=False)
+                # candidates by the range's leading text (indexed), then exact containment
+                lead = str(net.network_address).split(":" if net.version == 6 else ".")[0]
+                lead += ":" if net.version == 6 else "."
+                cand = (await s.execute(select(SessionLog.id, SessionLog.mx_ip).where(
+                    SessionLog.mx_ip.like(f"{_like(lead)}%", escape="\\")).order_by(order).limit(20_000))).all()
+                ids = [i for i, ip in cand if _in_net(ip, net)]
+                page = ids[offset:offset + limit]
+                rows = list((await s.execute(select(SessionLog).where(SessionLog.id.in_(page)).order_by(
+                    order))).scalars()) if page else []
+                return rows, len(ids)
+            v = value.strip().lower().rstrip(".")
+            if kind == "ip":
+                cond = SessionLog.mx_ip == v
+            else:
+                cond = or_(SessionLog.mx_host == v, SessionLog.domains.like(f"% {_like(v)} %", escape="\\"))
+            total = (await s.execute(select(func.count()).select_from(SessionLog).where(cond))).scalar_one()
+            rows = list((await s.execute(select(SessionLog).where(cond).order_by(order).offset(offset)
+                                         .limit(limit))).scalars())
+        return rows, int(total)
 
     async def throughput(self, since: float, width: float, n: int) -> list[Bucket]:
         """Sessions, recipients asked and blocked sessions in ``n`` buckets of ``width``
