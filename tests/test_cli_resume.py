@@ -11,11 +11,39 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sounding.sandbox.log import read_records, sessions_from
+
+from .conftest import free_port, stop_process
+
+
+@pytest.fixture
+def own_sandbox(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A ``sounding sandbox up`` of this test's own (its log will hold sessions cut by
+    ``kill -9``, which the shared sandbox's conduct checks must not see)."""
+    d = tmp_path / "sb"
+    d.mkdir()
+    subnet = str(100 + (os.getpid() + 77) % 150)
+    smtp_port, dns_port = str(free_port()), str(free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet, "--smtp-port", smtp_port,
+         "--dns-port", dns_port, "--sample", str(d / "sample.csv"), "--log", str(d / "sessions.jsonl")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("verify with:"):
+            break
+        if proc.poll() is not None:
+            pytest.fail("sandbox exited: " + proc.stdout.read())
+    yield {"sample": str(d / "sample.csv"), "log": str(d / "sessions.jsonl"),
+           "ns": f"127.{subnet}.255.53:{dns_port}", "port": smtp_port}
+    stop_process(proc, signal.SIGINT)
 
 
 def _journal_count(state: Path) -> int:
@@ -48,7 +76,8 @@ def _wait_for_verdicts(proc: subprocess.Popen[str], state: Path, at_least: int, 
 
 @pytest.mark.slow
 def test_interrupted_verify_list_resumes_in_order_and_never_asks_twice(
-        sandbox_proc: dict[str, str], tmp_path: Path, _state_dir: Path) -> None:
+        own_sandbox: dict[str, str], tmp_path: Path, _state_dir: Path) -> None:
+    sandbox_proc = own_sandbox
     with open(sandbox_proc["sample"], encoding="utf-8") as fh:
         sample = list(csv.DictReader(fh))
     # the sandbox sample, with case-duplicates of some addresses further down the list
