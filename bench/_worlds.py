@@ -52,3 +52,35 @@ def streaming_addresses(n: int, domains: int = 2000) -> Iterator[str]:
     """``n`` addresses spread over the streaming world's domains (some repeat: real lists do)."""
     for k in range(n):
         yield f"u{(k // domains) % 600}@m{k % domains:05d}.example"
+
+
+def wide_world(domains: int = 1500, min_per: int = 1, max_per: int = 5, *, delay: float = 0.04,
+               pipelining_share: float = 0.7, catch_all_share: float = 0.1, unknown_share: float = 0.25,
+               seed: int = 12) -> tuple[World, list[tuple[str, str]]]:
+    """The long tail of a B2B list: ``domains`` domains with ``min_per``-``max_per`` addresses each.
+
+    Every domain has its own MX host that waits ``delay`` before every reply (greeting
+    included); ``pipelining_share`` of them announce PIPELINING, ``catch_all_share`` accept
+    every recipient. About ``unknown_share`` of the addresses do not exist. Returns the world
+    and ``[(address, true status), ...]`` shuffled (issue 12's world).
+    """
+    rng = random.Random(seed)
+    w = World()
+    addrs: list[tuple[str, str]] = []
+    for i in range(domains):
+        dom = f"w{i:05d}.example"
+        host = f"mx.{dom}"
+        personality = "catch_all" if rng.random() < catch_all_share else "honest"
+        w.add_host(host, personality, reply_delay=delay, greeting_delay=delay,
+                   pipelining=rng.random() < pipelining_share)
+        n = rng.randint(min_per, max_per)
+        good: list[str] = []
+        bad: list[str] = []
+        for j in range(n):
+            (bad if rng.random() < unknown_share else good).append(f"p{j}.{rng.randrange(10**6)}")
+        w.add_domain(dom, mx=[(10, host)], mailboxes=good, unknown=bad)
+        for lp in good + bad:
+            a = f"{lp}@{dom}"
+            addrs.append((a, w.truth(a).status))
+    rng.shuffle(addrs)
+    return w, addrs

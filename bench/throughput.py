@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench._netns import can_use_netns, rerun_in_netns  # noqa: E402
 from bench._worlds import throughput_world  # noqa: E402
 
 HELO = "probe.sounding.example"
@@ -237,26 +237,12 @@ def _inside(args: argparse.Namespace) -> None:
 
 def _outside(args: argparse.Namespace) -> None:
     """As root: run :func:`_inside` in a network namespace of our own; else run it here."""
-    if os.geteuid() != 0 or not shutil.which("ip") or args.no_netns:
+    if args.no_netns or not can_use_netns():
         _inside(args)
         return
-    name = f"sounding-bench-{os.getpid()}"
-    etc = Path("/etc/netns") / name
-    dns_ip = f"127.{args.subnet}.255.53"
-    try:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        etc.mkdir(parents=True, exist_ok=True)
-        # `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
-        (etc / "resolv.conf").write_text(f"nameserver {dns_ip}\noptions timeout:2 attempts:2\n")
-        argv = [*sys.argv[1:], "--no-netns"]
-        me = str(Path(__file__).resolve())
-        rc = subprocess.run(["ip", "netns", "exec", name, sys.executable, me, *argv]).returncode
-        if rc:
-            raise SystemExit(rc)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-        shutil.rmtree(etc, ignore_errors=True)
+    rc = rerun_in_netns(Path(__file__).resolve(), sys.argv[1:], f"127.{args.subnet}.255.53", tag="bench")
+    if rc:
+        raise SystemExit(rc)
 
 
 def main() -> None:

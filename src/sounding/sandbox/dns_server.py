@@ -8,7 +8,9 @@ unknown name answer NXDOMAIN.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
 import threading
 from typing import Any
 
@@ -156,6 +158,11 @@ class SandboxDNS:
                             tcp=tcp, logger=logger)
             if self.port == 0:  # pick the UDP port first, then TCP on the same number
                 self.port = srv.server.server_address[1]
+            if not tcp:
+                # A burst of queries (a wide list resolves thousands of domains at once) must
+                # queue, not be dropped: a lost UDP query costs the client a whole timeout.
+                with contextlib.suppress(OSError):
+                    srv.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             srv.server.daemon_threads = True
             self._servers.append(srv)
             t = threading.Thread(target=srv.server.serve_forever, kwargs={"poll_interval": 0.05},

@@ -1,0 +1,356 @@
+"""The wide world: many small receivers, Sounding against the round-trip bound (issue 12).
+
+    python bench/wide.py [--domains 1500] [--min-per 1] [--max-per 5] [--delay 0.04]
+                         [--loops asyncio,uvloop] [--json FILE] [--profile DIR]
+
+A long-tail list (``--domains`` domains with 1-5 addresses each, every domain on an MX host
+of its own that waits ``--delay`` before every reply, 70 % with PIPELINING, 10 % catch-all)
+is verified by two clients, each in a child process of its own (CPU and peak memory from
+``wait4`` and the child's own clock):
+
+* **ideal**: a minimal asyncio client written for this world only: every domain at once,
+  one session per domain (MX and A lookup, greeting, EHLO, ``MAIL`` + ``RCPT``
+  postmaster@ + a random local part + the domain's addresses, pipelined where announced,
+  lockstep otherwise, ``QUIT``). It has no courtesy limits, no global cap, no evidence, no
+  transcript: the time it takes is the bound set by the round trips and the sandbox.
+* **sounding**: the ``Verifier`` with its default settings (courtesy included).
+
+Both run once under the standard asyncio loop and once under uvloop (when installed), in
+the same run against the same sandbox. Conduct figures (sessions per address, concurrent
+sessions per MX host, QUIT, forbidden commands, session length) come from the sandbox's
+session log, i.e. from what the servers saw. As root the bench runs in a network namespace
+of its own with the sandbox on ports 25/53; otherwise on 2525/5353. Nothing leaves this
+machine. Goal (issue 12): Sounding <= 2.5x the ideal client.
+
+``--profile DIR`` also writes a cProfile of each Sounding run (``pstats`` files) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench._netns import can_use_netns, rerun_in_netns  # noqa: E402
+from bench._worlds import wide_world  # noqa: E402
+from bench.throughput import HELO, SENDER, _conduct, _log_slice  # noqa: E402
+
+
+# --------------------------------------------------------------------------- the world
+def _world(args: argparse.Namespace) -> Any:
+    return wide_world(args.domains, args.min_per, args.max_per, delay=args.delay)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Child: run the sandbox until stdin closes."""
+    from sounding.sandbox import Sandbox
+
+    world, _ = _world(args)
+
+    async def main() -> None:
+        async with Sandbox(world, subnet=args.subnet, smtp_port=args.smtp_port, dns_port=args.dns_port,
+                           log_path=args.log, keep_log=False) as sb:
+            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- the ideal client
+async def _reply(reader: asyncio.StreamReader) -> int:
+    """Read one (possibly multi-line) reply; return its code (0: connection closed)."""
+    while True:
+        line = await reader.readline()
+        if len(line) < 4:
+            return 0
+        if line[3:4] != b"-":
+            return int(line[:3])
+
+
+async def _ideal_domain(domain: str, addrs: list[str], resolver: Any, port: int) -> dict[str, str]:
+    """One session for one domain; statuses of its addresses."""
+    try:
+        mx = await resolver.resolve(domain, "MX", search=False)
+        host = min(mx, key=lambda r: r.preference).exchange.to_text().rstrip(".")
+        ip = (await resolver.resolve(host, "A", search=False))[0].to_text()
+        reader, writer = await asyncio.open_connection(ip, port)
+    except Exception:
+        return dict.fromkeys(addrs, "unknown")
+    codes: list[int] = []
+    try:
+        if await _reply(reader) != 220:
+            return dict.fromkeys(addrs, "unknown")
+        writer.write(f"EHLO {HELO}\r\n".encode())
+        pipelining = False
+        while True:  # EHLO: read the extension lines ourselves
+            line = await reader.readline()
+            if len(line) < 4:
+                return dict.fromkeys(addrs, "unknown")
+            pipelining = pipelining or line[4:].strip().upper() == b"PIPELINING"
+            if line[3:4] != b"-":
+                break
+        probe = "".join(random.choices(string.ascii_lowercase + string.digits, k=14))
+        rcpts = [f"postmaster@{domain}", f"{probe}@{domain}", *addrs]
+        cmds = [f"MAIL FROM:<{SENDER}>\r\n".encode(), *(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)]
+        if pipelining:  # RFC 2920: the whole envelope in one flight
+            writer.write(b"".join(cmds))
+            codes = [await _reply(reader) for _ in cmds]
+        else:
+            for c in cmds:
+                writer.write(c)
+                codes.append(await _reply(reader))
+        writer.write(b"QUIT\r\n")
+        await _reply(reader)
+    except (ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if len(codes) != len(cmds) or codes[0] != 250:
+        return dict.fromkeys(addrs, "unknown")
+    catch_all = codes[2] == 250
+    out = {}
+    for a, c in zip(addrs, codes[3:], strict=True):
+        out[a] = ("risky" if catch_all else "deliverable") if c == 250 else \
+            "undeliverable" if c in (550, 551, 553) else "unknown"
+    return out
+
+
+async def _run_ideal(addrs: list[str], args: argparse.Namespace) -> dict[str, str]:
+    import dns.asyncresolver
+    import dns.nameserver
+
+    r = dns.asyncresolver.Resolver(configure=False)
+    r.nameservers = [dns.nameserver.Do53Nameserver(args.dns_ip, args.dns_port)]
+    r.timeout, r.lifetime = 5.0, 12.0
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for a in addrs:
+        by_domain[a.rsplit("@", 1)[1].lower()].append(a)
+    parts = await asyncio.gather(*(_ideal_domain(d, xs, r, args.smtp_port) for d, xs in by_domain.items()))
+    return {a: st for part in parts for a, st in part.items()}
+
+
+# --------------------------------------------------------------------------- Sounding
+async def _run_sounding(addrs: list[str], args: argparse.Namespace) -> dict[str, str]:
+    from sounding.engine import Verifier
+    from sounding.settings import Settings
+
+    s = Settings(helo=HELO, mail_from=SENDER, nameservers=((args.dns_ip, args.dns_port),),
+                 smtp_port=args.smtp_port, allow_private_mx=True)
+    v = Verifier(s)
+    return {x.address: x.status.value async for x in v.verify_many(addrs)}
+
+
+def _client(args: argparse.Namespace) -> None:
+    """Child: verify the list with one client under one loop; write statuses, wall and CPU."""
+    addrs = json.loads(Path(args.list).read_text())
+    if args.client == "sounding":
+        import sounding.engine  # noqa: F401  (imports are not part of the run)
+
+        run = _run_sounding
+    else:
+        run = _run_ideal
+    if args.loop == "uvloop":
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+    with runner:
+        c0, t0 = time.process_time(), time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        got = runner.run(run(addrs, args))
+        if prof is not None:
+            prof.disable()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if prof is not None:
+        prof.dump_stats(args.profile)
+    Path(args.out).write_text(json.dumps({"wall": wall, "cpu": cpu, "status": got}))
+
+
+# --------------------------------------------------------------------------- measuring
+def _session_lengths(records: list[dict[str, Any]]) -> list[float]:
+    from sounding.sandbox.log import sessions_from
+
+    return [s.end - s.start for s in sessions_from(records) if s.end is not None]
+
+
+def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[str, Any], log: Path,
+             tmp: Path, profile: str | None) -> dict[str, Any]:
+    tag = f"{client}-{loop}"
+    lst, out = tmp / f"{tag}.list.json", tmp / f"{tag}.out.json"
+    lst.write_text(json.dumps([a for a, _ in addrs]))
+    time.sleep(0.5)  # let the servers log the previous run's last closes
+    start = log.stat().st_size
+    cmd = [sys.executable, str(Path(__file__).resolve()), "client", "--client", client, "--loop", loop,
+           "--list", str(lst), "--out", str(out), "--dns-ip", world["dns_ip"],
+           "--dns-port", str(world["dns_port"]), "--smtp-port", str(world["smtp_port"])]
+    if profile:
+        cmd += ["--profile", profile]
+    proc = subprocess.Popen(cmd)
+    _, status, ru = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{tag} failed (exit {os.waitstatus_to_exitcode(status)})")
+    time.sleep(0.5)
+    res = json.loads(out.read_text())
+    n = len(addrs)
+    records = _log_slice(log, start)
+    lengths = _session_lengths(records)
+    r = {"client": client, "loop": loop, "addresses": n, "wall_s": res["wall"],
+         "cpu_s_per_1000": res["cpu"] / n * 1000, "peak_mem_mb": ru.ru_maxrss / 1024,
+         "median_session_s": statistics.median(lengths) if lengths else 0.0,
+         "right_status": sum(res["status"].get(a) == t for a, t in addrs) / n,
+         "statuses": dict(Counter(res["status"].values()))}
+    r.update(_conduct(records, n))
+    return r
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = [("client", "{}"), ("loop", "{}"), ("addresses", "{}"), ("wall_s", "{:.2f}"), ("ratio", "{:.2f}x"),
+            ("cpu_s_per_1000", "{:.2f}"), ("peak_mem_mb", "{:.0f}"), ("sessions_per_addr", "{:.3f}"),
+            ("max_sessions_per_host", "{}"), ("median_session_s", "{:.2f}"), ("right_status", "{:.1%}"),
+            ("forbidden", "{}"), ("without_quit", "{}")]
+    cells = [[c for c, _ in cols]] + [[f.format(r.get(c, 0)) for c, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def _loops(spec: str) -> list[str]:
+    loops = []
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        if name == "uvloop":
+            try:
+                import uvloop  # noqa: F401
+            except ImportError:
+                print("uvloop skipped: pip install 'sounding[speed]'")
+                continue
+        loops.append(name)
+    return loops
+
+
+def _inside(args: argparse.Namespace) -> None:
+    root = os.geteuid() == 0
+    _, addrs = _world(args)
+    loops = _loops(args.loops)
+    with tempfile.TemporaryDirectory(prefix="sounding-wide-") as td:
+        tmp = Path(td)
+        log = tmp / "sessions.jsonl"
+        log.touch()
+        serve = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "serve", "--domains", str(args.domains),
+             "--min-per", str(args.min_per), "--max-per", str(args.max_per), "--delay", str(args.delay),
+             "--subnet", str(args.subnet), "--smtp-port", "25" if root else "2525",
+             "--dns-port", "53" if root else "5353", "--log", str(log)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert serve.stdout is not None
+            line = serve.stdout.readline().split()
+            if not line or line[0] != "READY":
+                raise SystemExit("the sandbox did not start")
+            world = {"dns_ip": line[1], "dns_port": int(line[2]), "smtp_port": int(line[3])}
+            print(f"wide world: {args.domains} domains on {args.domains} MX hosts, {len(addrs)} addresses "
+                  f"({args.min_per}-{args.max_per} per domain), {args.delay * 1000:.0f} ms before every reply, "
+                  f"70% with PIPELINING; DNS {world['dns_ip']}:{world['dns_port']}, SMTP port {world['smtp_port']}",
+                  flush=True)
+            rows: list[dict[str, Any]] = []
+            clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+            for loop in loops:
+                ideal = None
+                if "ideal" in clients:
+                    ideal = _measure("ideal", loop, addrs, world, log, tmp, None)
+                    ideal["ratio"] = 1.0
+                    rows.append(ideal)
+                if "sounding" in clients:
+                    prof = str(Path(args.profile) / f"sounding-{loop}.pstats") if args.profile else None
+                    snd = _measure("sounding", loop, addrs, world, log, tmp, prof)
+                    snd["ratio"] = snd["wall_s"] / ideal["wall_s"] if ideal else 0.0
+                    rows.append(snd)
+                print(_table(rows[-len(clients):]), flush=True)
+            print()
+            print(_table(rows))
+            by = {(r["client"], r["loop"]): r for r in rows}
+            for loop in loops:
+                if ("ideal", loop) not in by or ("sounding", loop) not in by:
+                    continue
+                i, s = by[("ideal", loop)], by[("sounding", loop)]
+                print(f"{loop}: ideal {i['wall_s']:.2f} s, Sounding {s['wall_s']:.2f} s = {s['ratio']:.2f}x "
+                      f"(goal <= 2.5x); {s['cpu_s_per_1000']:.2f} CPU s per 1,000 addresses, "
+                      f"peak {s['peak_mem_mb']:.0f} MB, {s['sessions_per_addr']:.3f} sessions/address, "
+                      f"at most {s['max_sessions_per_host']} sessions per host")
+            if ("sounding", "asyncio") in by and ("sounding", "uvloop") in by:
+                a, u = by[("sounding", "asyncio")], by[("sounding", "uvloop")]
+                print(f"Sounding with uvloop: {a['wall_s'] / u['wall_s']:.2f}x the speed of asyncio's loop, "
+                      f"{u['cpu_s_per_1000'] / a['cpu_s_per_1000']:.2f}x its CPU")
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2))
+        finally:
+            with contextlib.suppress(Exception):
+                assert serve.stdin is not None
+                serve.stdin.close()
+            serve.wait(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "serve", "client"])
+    ap.add_argument("--domains", type=int, default=1500)
+    ap.add_argument("--min-per", type=int, default=1)
+    ap.add_argument("--max-per", type=int, default=5)
+    ap.add_argument("--delay", type=float, default=0.04)
+    ap.add_argument("--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop")
+    ap.add_argument("--clients", default="ideal,sounding", help="comma-separated: ideal, sounding")
+    ap.add_argument("--subnet", type=int, default=79)
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--profile", help="write a cProfile of each Sounding run into this directory")
+    ap.add_argument("--no-netns", action="store_true", help=argparse.SUPPRESS)
+    # internal (child processes)
+    ap.add_argument("--client")
+    ap.add_argument("--loop", default="asyncio")
+    ap.add_argument("--list")
+    ap.add_argument("--out")
+    ap.add_argument("--dns-ip")
+    ap.add_argument("--dns-port", type=int, default=53)
+    ap.add_argument("--smtp-port", type=int, default=25)
+    ap.add_argument("--log")
+    args = ap.parse_args()
+    if args.mode == "serve":
+        _serve(args)
+    elif args.mode == "client":
+        _client(args)
+    elif args.no_netns or not can_use_netns():
+        _inside(args)
+    else:
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            args_list = [x if x != args.profile else str(Path(args.profile).resolve()) for x in sys.argv[1:]]
+        else:
+            args_list = sys.argv[1:]
+        rc = rerun_in_netns(Path(__file__).resolve(), args_list, f"127.{args.subnet}.255.53", tag="wide")
+        if rc:
+            raise SystemExit(rc)
+
+
+if __name__ == "__main__":
+    main()
