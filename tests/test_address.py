@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
-from sounding.address import Flag, has_control_chars, parse_address, suggest_domain
+from sounding.address import (
+    PROBE_CHARS,
+    Flag,
+    has_control_chars,
+    parse_address,
+    probe_address,
+    random_local,
+    suggest_domain,
+)
 from sounding.errors import AddressError
 
 from .conftest import corpus
@@ -68,3 +77,26 @@ def test_flags_role_disposable_free_and_typos() -> None:
     assert suggest_domain("yahooo.com") == "yahoo.com"
     assert suggest_domain("gmail.com") is None
     assert suggest_domain("mycompany.com") is None
+
+
+def test_probe_addresses_are_what_the_validator_would_make() -> None:
+    rng = random.Random(5)
+    for raw in ["Ann@Example.COM", "x@gmail.com", "bob@mailinator.com", "josé@bücher.example", "a@hotmail.con"]:
+        p = parse_address(raw)
+        for local in ("postmaster", random_local(rng)):
+            made = probe_address(p, local)
+            want = parse_address(f"{local}@{p.domain}")
+            assert (made.local, made.domain, made.domain_unicode, made.flags, made.normalized) == (
+                want.local, want.domain, want.domain_unicode, want.flags - {Flag.TYPO}, want.normalized), raw
+    with pytest.raises(AddressError):
+        probe_address(parse_address("a@example.com"), "Post\r\nmaster")
+    with pytest.raises(AddressError):
+        probe_address(parse_address("a@[192.0.2.1]"), "postmaster")
+
+
+def test_random_local_parts() -> None:
+    rng = random.Random(1)
+    seen = {random_local(rng) for _ in range(2000)}
+    assert len(seen) == 2000
+    assert all(len(x) == 14 and set(x) <= set(PROBE_CHARS) for x in seen)
+    assert set("".join(seen)) == set(PROBE_CHARS)  # every character is used

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from sounding.dns import MxResolver, MxStatus, is_public_address, parse_nameserver
@@ -57,3 +59,25 @@ def test_public_address_and_nameserver_parsing() -> None:
     assert parse_nameserver("127.0.0.1") == ("127.0.0.1", 53)
     with pytest.raises(ConfigError):
         parse_nameserver("dns.example:53")
+
+
+async def test_mx_host_addresses_are_shared_between_domains(world_sandbox: Sandbox) -> None:
+    # Two domains on one MX host: its A and AAAA are asked once, even when both domains
+    # are resolved at the same moment (one query per name in flight).
+    r = resolver(world_sandbox, allow_private=True)
+    a, b = await asyncio.gather(r.resolve("honest.example"), r.resolve("shared-honest.example"))
+    assert a.hosts == b.hosts and a.status is MxStatus.OK
+    assert r.lookups == 2 + 2  # MX of each domain; A and AAAA of mx1.honest.example once
+    await r.resolve("shared-honest.example")
+    assert r.lookups == 4  # and nothing again while cached
+
+
+async def test_queries_in_flight_are_bounded(world_sandbox: Sandbox) -> None:
+    domains = ("honest.example", "backup.example", "nullmx.example", "implicit.example")
+    free = resolver(world_sandbox, allow_private=True)
+    await asyncio.gather(*(free.resolve(d) for d in domains))
+    assert free.peak_queries > 2
+    r = resolver(world_sandbox, allow_private=True, max_queries=2)
+    got = await asyncio.gather(*(r.resolve(d) for d in domains))
+    assert [x.status for x in got] == [MxStatus.OK, MxStatus.OK, MxStatus.NULL_MX, MxStatus.OK]
+    assert r.peak_queries == 2

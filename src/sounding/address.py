@@ -14,6 +14,7 @@ SMTPUTF8 (RFC 6531) and IDNA (RFC 5891) handled. On top of it:
 from __future__ import annotations
 
 import functools
+import random
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
@@ -133,8 +134,13 @@ def has_control_chars(s: str) -> bool:
     return False
 
 
-def _distance(a: str, b: str) -> int:
-    """Optimal string alignment distance (Damerau-Levenshtein with adjacent swaps)."""
+def _distance(a: str, b: str, limit: int | None = None) -> int:
+    """Optimal string alignment distance (Damerau-Levenshtein with adjacent swaps).
+
+    With ``limit``, any distance above it is reported as ``limit + 1`` and the computation
+    stops as soon as a row shows it will be exceeded (a list's domains are mostly far from
+    every provider: this is the common case, and it is decided after a few characters).
+    """
     prev2: list[int] = []
     prev = list(range(len(b) + 1))
     for i in range(1, len(a) + 1):
@@ -144,8 +150,13 @@ def _distance(a: str, b: str) -> int:
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
                 cur[j] = min(cur[j], prev2[j - 2] + 1)
+        # Every cell of later rows comes from a cell of this row or the one before, plus >= 0;
+        # a swap reaches back two rows, so both must be over the limit to stop.
+        if limit is not None and min(cur) > limit and (not prev2 or min(prev) > limit):
+            return limit + 1
         prev2, prev = prev, cur
-    return prev[-1]
+    d = prev[-1]
+    return d if limit is None else min(d, limit + 1)
 
 
 def suggest_domain(domain: str) -> str | None:
@@ -164,8 +175,8 @@ def _suggest(d: str) -> str | None:
     for cand in SUGGEST_DOMAINS:
         if abs(len(cand) - len(d)) > 2:
             continue
-        dist = _distance(d, cand)
         limit = 1 if len(cand) <= 7 else 2
+        dist = _distance(d, cand, limit)
         if dist <= limit and (best is None or dist < best[0]):
             best = (dist, cand)
     return best[1] if best else None
@@ -214,3 +225,32 @@ def parse_address(raw: str) -> ParsedAddress:
         flags.add(Flag.TYPO)
     return ParsedAddress(raw, local, domain_ascii, v.domain.lower(), frozenset(flags),
                          f"{local}@{suggestion}" if suggestion else None)
+
+
+#: Characters of a random probe local part: a Dot-string atom in any server's eyes (RFC 5321 §4.1.2).
+PROBE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def random_local(rng: random.Random, length: int = 14) -> str:
+    """A random local part of ``length`` characters of :data:`PROBE_CHARS`: ``36**14`` (about
+    2**72) values, so it names a mailbox on no real server. One draw from ``rng`` (a
+    ``SystemRandom`` asks the OS once, not once per character)."""
+    n = rng.getrandbits(6 * length)
+    out = []
+    for _ in range(length):
+        n, k = divmod(n, len(PROBE_CHARS))
+        out.append(PROBE_CHARS[k])
+    return "".join(out)
+
+
+def probe_address(of: ParsedAddress, local: str) -> ParsedAddress:
+    """``local@`` the (already validated) domain of ``of``: the session's own recipients
+    (``postmaster``, a :func:`random_local`), valid by construction, so the validator is not
+    asked again. ``local`` must be made of :data:`PROBE_CHARS`."""
+    if not local or any(c not in PROBE_CHARS for c in local) or Flag.IP_LITERAL in of.flags:
+        raise AddressError(f"not a probe local part: {local!r}")
+    flags: set[Flag] = {f for f in of.flags if f in (Flag.DISPOSABLE, Flag.FREE)}
+    if local in ROLE_NAMES:
+        flags.add(Flag.ROLE)
+    return ParsedAddress(f"{local}@{of.domain}", local, of.domain, of.domain_unicode, frozenset(flags),
+                         None)

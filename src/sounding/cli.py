@@ -18,6 +18,7 @@ from .cli_help import TidyGroup
 from .engine import Verifier
 from .errors import InputError, SoundingError
 from .listio import ListReader, ResultWriter, Row
+from .runtime import run as run_loop
 from .settings import Settings, default_state_dir, load_settings
 from .smtp.client import Timeouts
 from .verdict import Status, Verdict
@@ -100,7 +101,7 @@ def verify(
         res = [v async for v in Verifier(s).verify_many(addresses)]
         return sorted(res, key=lambda v: v.index)
 
-    verdicts = asyncio.run(run())
+    verdicts = run_loop(run(), use_uvloop=s.uvloop)
     if as_json:
         out.print_json(json.dumps([v.to_dict() for v in verdicts]))
         return
@@ -238,7 +239,7 @@ def _verify_journaled(reader: ListReader, journal: Any, verifier: Verifier, tota
 
     with ProgressReporter(err, "verifying", unit="rows") as prog:
         prog.update(total=total, completed=already)
-        cancelled = asyncio.run(run(prog))
+        cancelled = run_loop(run(prog), use_uvloop=verifier.settings.uvloop)
     return cancelled or prog.completed < total  # stopped early, unless everything was answered
 
 

@@ -20,6 +20,8 @@ from rich.table import Table
 
 from .cli import CfgOpt, FromOpt, HeloOpt, NsOpt, PortOpt, PrivOpt, SrcOpt, _fail, _settings, app, err, out
 from .errors import SoundingError
+from .runtime import loop_name
+from .runtime import run as run_loop
 from .settings import Settings
 
 if TYPE_CHECKING:  # the store (SQLAlchemy, Alembic) is imported only by the commands that use it
@@ -56,7 +58,7 @@ def _with_store(s: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
             return await fn(st)
 
     try:
-        return asyncio.run(go())
+        return run_loop(go(), use_uvloop=s.uvloop)
     except SoundingError as exc:
         _fail(exc)
         raise
@@ -84,7 +86,8 @@ def serve(
               f"{s.db_url or 'in the data directory'}")
     # keep-alive longer than clients' (httpx: 5 s) so a reused connection is never closed under them
     uvicorn.run(create_app(s, worker=worker), host=host, port=port, log_level="warning",
-                proxy_headers=False, timeout_keep_alive=30, backlog=4096)
+                proxy_headers=False, timeout_keep_alive=30, backlog=4096,
+                loop="uvloop" if loop_name(s.uvloop) == "uvloop" else "asyncio")
 
 
 @app.command()

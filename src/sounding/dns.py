@@ -169,6 +169,10 @@ async def txt_strings(name: str, nameservers: Sequence[tuple[str, int]] | None =
     return [b"".join(rd.strings).decode("utf-8", "replace") for rd in ans]
 
 
+#: (addresses, ttl, failure detail or None, NXDOMAIN for both A and AAAA)
+_HostAddresses = tuple[tuple[str, ...], int, str | None, bool]
+
+
 class MxResolver:
     """Resolves and caches the MX hosts of domains.
 
@@ -177,18 +181,29 @@ class MxResolver:
 
     def __init__(self, nameservers: Sequence[tuple[str, int]] | None = None, *,
                  timeout: float = 5.0, lifetime: float = 12.0, allow_private: bool = False,
-                 cache_size: int = 100_000, negative_ttl: int = 300,
+                 cache_size: int = 100_000, negative_ttl: int = 300, max_queries: int = 256,
                  clock: Callable[[], float] = time.monotonic) -> None:
         r = make_resolver(nameservers, timeout=timeout, lifetime=lifetime)
-        r.cache = None  # we cache whole MxResults ourselves
+        r.cache = None  # we cache whole MxResults (and MX hosts' addresses) ourselves
         self._r = r
         self.allow_private = allow_private
         self.negative_ttl = negative_ttl
         self._cache: OrderedDict[str, tuple[float, MxResult]] = OrderedDict()
         self._cache_size = cache_size
         self._inflight: dict[str, asyncio.Future[MxResult]] = {}
+        #: MX host name -> (expiry, addresses, ttl, None, nxdomain): many domains share their
+        #: MX hosts (a provider's), so a host's A/AAAA are asked once per TTL, not per domain.
+        self._hosts: OrderedDict[str, tuple[float, _HostAddresses]] = OrderedDict()
+        self._hosts_inflight: dict[str, asyncio.Future[_HostAddresses]] = {}
+        #: Queries in flight at once: a wide list must not open a socket per domain at once
+        #: (file descriptors) nor drown the resolver (a dropped UDP query costs a timeout).
+        self.max_queries = max(1, max_queries)
+        self._slots: asyncio.Semaphore | None = None
         self._clock = clock
         self.lookups = 0
+        self._in_flight = 0
+        #: the most queries that were in flight at once
+        self.peak_queries = 0
 
     async def resolve(self, domain: str) -> MxResult:
         """The MX routing of ``domain`` (cached for the records' TTL; concurrent calls share)."""
@@ -219,32 +234,74 @@ class MxResolver:
             del self._inflight[d]
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
-        self.lookups += 1
-        return await self._r.resolve(name, rdtype, search=False)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_queries)
+        async with self._slots:
+            self.lookups += 1
+            self._in_flight += 1
+            self.peak_queries = max(self.peak_queries, self._in_flight)
+            try:
+                return await self._r.resolve(name, rdtype, search=False)
+            finally:
+                self._in_flight -= 1
 
-    async def _addresses(self, host: str) -> tuple[list[str], int, str | None, bool]:
+    async def _addresses(self, host: str) -> _HostAddresses:
         """A and AAAA of ``host``: (addresses, ttl, failure detail or None, whether the name
-        does not exist -- NXDOMAIN for both queries)."""
+        does not exist -- NXDOMAIN for both queries). Cached for the records' TTL (answers that
+        prove something only); concurrent calls for one host share one lookup."""
+        now = self._clock()
+        hit = self._hosts.get(host)
+        if hit and hit[0] > now:
+            self._hosts.move_to_end(host)
+            return hit[1]
+        fut = self._hosts_inflight.get(host)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._hosts_inflight[host] = fut
+        try:
+            got = await self._lookup_addresses(host)
+            ips, ttl, failure, nxdomain = got
+            if ips or not failure:  # a SERVFAIL or timeout is asked again next time
+                self._hosts[host] = (self._clock() + (ttl if ips else min(ttl, self.negative_ttl)), got)
+                if len(self._hosts) > self._cache_size:
+                    self._hosts.popitem(last=False)
+            fut.set_result(got)
+            return got
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._hosts_inflight[host]
+
+    async def _lookup_addresses(self, host: str) -> _HostAddresses:
+        # A and AAAA asked side by side: one round trip instead of two.
+        answers = await asyncio.gather(*(self._one_family(host, t) for t in ("A", "AAAA")))
         ips: list[str] = []
         ttl = 3600
         failure = None
         nxdomain = 0
-        for rdtype in ("A", "AAAA"):
-            try:
-                ans = await self._query(host, rdtype)
-            except dns.resolver.NXDOMAIN:
+        for rdtype, (ans, exc) in zip(("A", "AAAA"), answers, strict=True):
+            if isinstance(exc, dns.resolver.NXDOMAIN):
                 nxdomain += 1
-                continue
-            except dns.resolver.NoAnswer:
-                continue
-            except dns.exception.DNSException as exc:
+            elif isinstance(exc, dns.resolver.NoAnswer):
+                pass
+            elif exc is not None:
                 kind = "timeout" if isinstance(exc, dns.exception.Timeout) else (
                     "SERVFAIL" if isinstance(exc, dns.resolver.NoNameservers) else type(exc).__name__)
                 failure = f"{rdtype} {host}: {kind}"
-                continue
-            ttl = min(ttl, ans.rrset.ttl if ans.rrset else ttl)
-            ips.extend(r.to_text() for r in ans)
-        return ips, ttl, failure, nxdomain == 2
+            elif ans is not None:
+                ttl = min(ttl, ans.rrset.ttl if ans.rrset else ttl)
+                ips.extend(r.to_text() for r in ans)
+        return tuple(ips), ttl, failure, nxdomain == 2
+
+    async def _one_family(self, host: str, rdtype: str
+                          ) -> tuple[dns.resolver.Answer | None, dns.exception.DNSException | None]:
+        try:
+            return await self._query(host, rdtype), None
+        except dns.exception.DNSException as exc:
+            return None, exc
 
     async def _resolve(self, d: str) -> tuple[MxResult, int]:
         try:
@@ -278,7 +335,7 @@ class MxResolver:
         real = [(p, h) for p, h in records if h not in ("", ".")]
         if not real:
             return MxResult(d, MxStatus.NULL_MX, detail="null MX (RFC 7505)"), ttl
-        hosts: list[tuple[int, str, list[str]]] = []
+        hosts: list[tuple[int, str, Sequence[str]]] = []
         failures = []
         missing = []
         results = await asyncio.gather(*(self._addresses(h) for _, h in real))
@@ -300,7 +357,7 @@ class MxResolver:
                 f" ({', '.join(missing)}: NXDOMAIN)" if missing else "")), min(ttl, self.negative_ttl)
         return self._filter(d, hosts, implicit=False), ttl
 
-    def _filter(self, d: str, hosts: list[tuple[int, str, list[str]]], *,
+    def _filter(self, d: str, hosts: list[tuple[int, str, Sequence[str]]], *,
                 implicit: bool) -> MxResult:
         kept: list[MxHost] = []
         refused: list[str] = []

@@ -90,6 +90,9 @@ class Settings:
     state_dir: str | None = None
     #: Catch-all findings are trusted this long within one long-running verifier (seconds).
     catch_all_ttl: float = 3600.0
+    #: Run the command line's and the service's event loop on uvloop when it is installed
+    #: (``pip install 'sounding[speed]'``); off: asyncio's own loop (``SOUNDING_UVLOOP=0``).
+    uvloop: bool = True
 
     # ---- the service (``sounding serve``)
     #: SQLAlchemy URL; None = SQLite in the data directory. ``postgresql+psycopg://...`` works too.

@@ -25,6 +25,7 @@ client deletes the addresses we call undeliverable.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -404,8 +405,13 @@ def blocklist_of(text: str) -> tuple[str | None, str | None]:
     return name, url
 
 
+@functools.lru_cache(maxsize=4096)
 def classify(reply: Reply) -> Classification:
-    """Classify a complete reply."""
+    """Classify a complete reply.
+
+    Memoised (a reply is a frozen value and its meaning depends on nothing else): the session,
+    the absorber and the verdict each look at the same reply, and identical replies
+    ("250 2.1.5 Ok") are the rule across sessions."""
     return classify_parts(reply.code, reply.enhanced, reply.text)
 
 

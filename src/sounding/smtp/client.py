@@ -112,9 +112,11 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
         async with asyncio.timeout(timeouts.session):
             tr.add("*", f"connect {mx_ip}:{port} ({mx_host}) from {source_ip or 'default'}")
             try:
-                reader, writer = await asyncio.wait_for(
-                    open_(mx_ip, port, local_addr=(source_ip, 0) if source_ip else None),
-                    timeouts.connect)
+                # asyncio.timeout, not wait_for: no task per await (Python 3.11's wait_for
+                # wraps the awaitable in one), which counts across thousands of sessions.
+                async with asyncio.timeout(timeouts.connect):
+                    reader, writer = await open_(mx_ip, port,
+                                                 local_addr=(source_ip, 0) if source_ip else None)
             except TimeoutError as exc:
                 raise ConnectFailed(f"connect to {mx_ip}:{port} timed out") from exc
             except OSError as exc:
@@ -136,7 +138,8 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
 
             while not session.done:
                 try:
-                    data = await asyncio.wait_for(reader.read(_READ), wait)
+                    async with asyncio.timeout(wait):
+                        data = await reader.read(_READ)
                 except TimeoutError as exc:
                     raise PhaseTimeout(phase) from exc
                 except (ConnectionError, ssl.SSLError) as exc:
@@ -185,7 +188,8 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
         if writer is not None:
             writer.close()
             try:
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
             except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
                 pass
         res.unanswered = session.unanswered
