@@ -347,8 +347,9 @@ async def test_plaintext_after_starttls_220_arriving_late_fails_tls_not_the_verd
     "２５０ Ok\r\n".encode(),                              # fullwidth digits
     b"250-2.1.5 Ok\r\n550 5.1.1 changed my mind\r\n",      # the code changes inside one reply
     b"250 " + b"x" * 10_000 + b"\r\n",                     # a line far over any limit
+    b"550 5.1.1 User\x00unknown\r\n",                      # NUL in the text
 ], ids=["arabic-250", "arabic-550", "superscript-250", "superscript-550", "fullwidth",
-        "code-change", "huge-line"])
+        "code-change", "huge-line", "nul-byte"])
 async def test_garbage_reply_codes_are_a_protocol_error(rcpt_reply: bytes) -> None:
     def override(ln: bytes) -> bytes | None:
         return rcpt_reply if ln.upper().startswith(b"RCPT") else None

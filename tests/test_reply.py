@@ -99,3 +99,17 @@ def test_parser_state_after_a_reply_is_clean() -> None:
     p = ReplyParser()
     assert p.feed(b"250 a\r\n250-b") and p.pending
     assert p.feed(b"\r\n250 c\r\n")[0].lines == ("b", "c") and not p.pending
+
+
+@pytest.mark.parametrize("bad", [b"550 5.1.1 no\x00such user\r\n", b"250 ok\rRCPT\r\n",
+                                 b"250 \x1b[31mred\r\n", b"250 del\x7f\r\n"])
+def test_control_characters_in_reply_text_are_a_protocol_error(bad: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        ReplyParser().feed(bad)
+
+
+def test_tabs_and_eight_bit_text_are_tolerated() -> None:
+    r = ReplyParser().feed("550 5.1.1\tBenutzer unbekannt: Empfänger\r\n".encode())[0]
+    assert r.code == 550 and "Empfänger" in r.text
+    r = ReplyParser().feed(b"550 5.1.1 utilisateur inconnu \xe9\r\n")[0]  # Latin-1, not UTF-8
+    assert r.code == 550 and r.enhanced == (5, 1, 1)

@@ -11,7 +11,8 @@ disagrees with the reply code's first digit is not trusted.
 Hostile servers are bounded (aiosmtplib's ``protocol.py`` is the model): a line longer than
 ``max_line`` octets, a reply of more than ``max_lines`` lines or ``max_reply`` octets in all
 is a protocol error, as is a line with a malformed code, a code that changes within one
-multi-line reply, or a line that starts with a code and then neither SP nor ``-``.
+multi-line reply, a line that starts with a code and then neither SP nor ``-``, or a line
+with a control character (NUL, a bare CR, ESC ...) in its text.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from ..errors import SMTPTransportError
 _ENH = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)", re.ASCII)
 # RFC 5321 §4.2: Reply-code = %x32-35 %x30-35 %x30-39, then SP, "-" or the end of the line.
 _REPLY_LINE = re.compile(rb"\A([2-5][0-5][0-9])(?:([ -])(.*))?\Z", re.DOTALL)
+# RFC 5321 §4.2: textstring = 1*(%d09 / %d32-126) (8-bit text is tolerated: RFC 6531 and
+# real servers send it); NUL, other C0 controls and DEL are not text -- and a NUL in evidence
+# would not even fit a PostgreSQL text column.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers exceed it a little.
 MAX_LINE = 4096
@@ -146,6 +151,8 @@ class ReplyParser:
         if m is None:
             shown = raw[:80].decode("utf-8", "replace")
             raise ProtocolError(f"not an SMTP reply line: {shown!r}")
+        if _CONTROL.search(raw):
+            raise ProtocolError(f"control character in a reply line: {raw[:80]!r}")
         code = int(m.group(1))  # three ASCII digits: int() cannot fail or misread
         if self._code is not None and code != self._code:
             raise ProtocolError(

@@ -179,8 +179,9 @@ class ProbeSession:
         return len(self._expect)
 
     def _send(self, verb: str, arg: str = "", rcpt: str | None = None) -> bytes:
+        line = command(verb, arg)  # refuses before anything is marked pending
         self._expect.append(_Pending(verb, rcpt))
-        return command(verb, arg)
+        return line
 
     def _quit(self) -> Step:
         self.state = State.QUIT
