@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith("/v1/") or exc.status_code in (404, 405) and \
+        if request.url.path.startswith(("/v1/", "/v0/")) or exc.status_code in (404, 405) and \
                 "text/html" not in request.headers.get("accept", ""):
             return problem_response(exc.status_code, str(exc.detail), instance=request.url.path)
         from .web import error_page
@@ -159,6 +159,9 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
         return problem_response(500, "Internal error", "the error was logged", request.url.path)
 
     app.include_router(_api_router(), prefix="/v1")
+    from . import reacher
+
+    app.include_router(reacher.router(), prefix="/v0")
     from pathlib import Path
 
     from fastapi.staticfiles import StaticFiles
