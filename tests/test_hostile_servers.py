@@ -322,6 +322,33 @@ async def test_plaintext_glued_after_starttls_220_against_a_real_tls_server() ->
         assert handshakes and all(h.startswith("failed") for h in handshakes)
 
 
+async def test_unsolicited_reply_right_after_the_tls_handshake_is_a_protocol_error() -> None:
+    """A clean STARTTLS, then a reply nobody asked for inside TLS, then honest answers."""
+    from sounding.sandbox.tls import self_signed_context
+
+    ctx = self_signed_context("mx.hostile.example")
+    handshakes: list[str] = []
+
+    async def script(c: Conn) -> None:
+        await c.send(b"220 mx.hostile.example ESMTP\r\n")
+        while (ln := await c.line()) is not None:
+            if ln.upper().startswith(b"STARTTLS"):
+                await c.send(b"220 2.0.0 Ready to start TLS\r\n")
+                await asyncio.wait_for(c.writer.start_tls(ctx), 3)
+                handshakes.append("done")
+                await c.send(b"250 2.0.0 Ok\r\n")
+                continue
+            await c.send(normal_reply(ln, starttls=not handshakes))
+            if ln.upper().startswith(b"QUIT"):
+                return
+
+    async with Server(script) as s:
+        got = await verify(s, [EXISTS, MISSING])
+        assert handshakes == ["done"]
+        assert_void(got)
+        assert s.quit_received
+
+
 async def test_plaintext_after_starttls_220_arriving_late_fails_tls_not_the_verdict() -> None:
     async def script(c: Conn) -> None:
         await c.send(b"220 mx.hostile.example ESMTP\r\n")

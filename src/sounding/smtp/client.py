@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConnectFailed, ConnectionLost, PhaseTimeout, SMTPTransportError
 from .reply import ProtocolError, Reply
-from .session import Conversation, ProbeSession, SessionOutcome
+from .session import Conversation, Desync, ProbeSession, SessionOutcome
 
 #: Bytes per read: more than an asyncio stream buffers (2 x its 64 KiB limit) before it
 #: pauses the socket, so one read drains everything received so far.
@@ -158,13 +158,22 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
                     if step.start_tls:
                         if _TLS_CTX is None:
                             _TLS_CTX = _client_tls()
+                        # RFC 3207 §4.2. Conversation checked that nothing was buffered with
+                        # the 220; asyncio.timeout (not wait_for, which starts a task and
+                        # lets the loop read more first) gets to loop.start_tls -- which
+                        # stops plaintext reading at once -- without yielding. Anything in
+                        # the stream once TLS is up came before our EHLO: not ours to read.
                         try:
-                            await asyncio.wait_for(
-                                writer.start_tls(_TLS_CTX, server_hostname=mx_host),
-                                timeouts.command)
+                            async with asyncio.timeout(timeouts.command):
+                                await writer.start_tls(_TLS_CTX, server_hostname=mx_host)
                         except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
                             raise ConnectionLost(f"STARTTLS failed: {exc}") from exc
                         tr.add("*", "TLS established")
+                        if _buffered(reader):
+                            exc2 = Desync("bytes in the stream when TLS came up, before EHLO "
+                                          "(RFC 3207 §4.2)")
+                            await _void(session, writer, reader, tr, exc2)
+                            raise exc2
                     for line in step.send:
                         tr.add(">", line.decode("utf-8", "replace").rstrip("\r\n"))
                     if step.send:
@@ -195,6 +204,17 @@ async def run_session(session: ProbeSession, mx_host: str, mx_ip: str, port: int
         res.unanswered = session.unanswered
         res.ended = time.time()
     return res
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the stream holds that nobody has read yet.
+
+    asyncio has no public call for it; ``_buffer`` has been StreamReader's buffer since
+    Python 3.4 (and uvloop uses the same StreamReader). Without it, 0: the check is lost,
+    never a false alarm.
+    """
+    buf = getattr(reader, "_buffer", None)
+    return len(buf) if isinstance(buf, (bytes, bytearray)) else 0
 
 
 async def _void(session: ProbeSession, writer: asyncio.StreamWriter,
