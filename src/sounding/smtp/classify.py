@@ -6,15 +6,19 @@ A refusal is read in three layers, and :func:`explain_parts` says which one deci
    addressing, 2 mailbox, 3 mail system, 4 network/routing, 5 protocol, 6 content,
    7 security/policy) and the RFC 5321 §4.2 basic code (421 closing, 450/451/452 transient,
    550 mailbox unavailable, 551 not local, 552 storage, 553 name not allowed, 554 failed).
-   The code sets the *family* of answers the words may choose from: a ``X.7.x`` reply is a
-   policy decision, never "no such mailbox", whatever its text says.
+   The subject first sets the *family* of answers the other layers may choose from: a ``X.7.x``
+   (or ``X.5.1``-``X.5.6``, ``X.6.x``) reply is never "no such mailbox", whatever its text says.
+   Registered details that leave no doubt decide at once (``X.7.25`` reverse DNS, ``X.7.26``
+   authentication, ``X.7.13`` account disabled, ``X.5.3`` too many recipients).
 2. **vendor** -- documented signatures of mail providers, filters and blocklists (Gmail's
    ``NoSuchUser``, Microsoft's ``5.7.606``-``5.7.649`` and ``S3150``, Yahoo's ``[TSS04]`` and
    ``[BL21]``, Mimecast, Proofpoint, Barracuda, Cisco, Spamhaus and friends, greylisting
    daemons ...). A signature is stronger evidence than generic words.
-3. **wording** -- families of phrases (blocklist, policy, rate, greylist, full, disabled,
+3. **wording** -- families of phrases (greylist, relay, blocklist, policy, rate, full, disabled,
    missing mailbox ...), checked in the order that fails safe: anything that may be a block or
-   a policy is read as such before the mailbox phrases are even looked at.
+   a policy is read as such before the mailbox phrases are looked at. Where the words say nothing
+   specific, the generic meaning of the enhanced code (``X.1.1`` bad mailbox, ``X.2.2`` full ...)
+   decides, and last the basic code.
 
 Postfix writes ``<addr>: Recipient address rejected: <reason>`` for *any* RCPT restriction
 (access maps, policy services, greylisting, SPF ...): the prefix is not a reason; only the
@@ -506,7 +510,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     enh_s = ".".join(map(str, enh)) if enh else ""
 
     def out(outcome: Outcome, layer: Layer, rule: str, evidence: str) -> Explanation:
-        return Explanation(_finish(outcome, t, text), layer, rule, evidence, code, enh)
+        x53 = enh is not None and enh[1:] == (5, 3)  # RFC 3463: X.5.3 is "too many recipients"
+        return Explanation(_finish(outcome, t, text, x53), layer, rule, evidence, code, enh)
 
     if code in (250, 251):
         return out(Outcome.ACCEPTED, Layer.STRUCTURE, "250/251: RCPT accepted (RFC 5321 §4.3.2)", str(code))
@@ -689,14 +694,14 @@ def _basic(code: int | None, transient: bool) -> tuple[Outcome, str]:
     return Outcome.REJECTED, "5xx refusal without a reason we can attribute (unknown, never no_mailbox)"
 
 
-def _finish(outcome: Outcome, t: str, raw: str) -> Classification:
+def _finish(outcome: Outcome, t: str, raw: str, x53: bool = False) -> Classification:
     """Attach what the text says about lists, delisting and waiting."""
     if outcome is Outcome.IP_BLOCKED:
         name, url = blocklist_of(raw)
         return Classification(outcome, blocklist=name, delist_url=url, retry_after=retry_hint(t))
     if outcome is Outcome.RATE_LIMITED:
         return Classification(outcome, retry_after=retry_hint(t),
-                              too_many_recipients=bool(_TOO_MANY_RCPT.search(t)),
+                              too_many_recipients=x53 or bool(_TOO_MANY_RCPT.search(t)),
                               too_many_connections=bool(_TOO_MANY_CONN.search(t)))
     if outcome in (Outcome.GREYLISTED, Outcome.TEMPORARY):
         return Classification(outcome, retry_after=retry_hint(t))
