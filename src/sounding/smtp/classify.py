@@ -193,7 +193,8 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
          r"your access to submit messages to this e-?mail system has been rejected")),
     ("cloudmark", Outcome.IP_BLOCKED, _rx(r"csi\.cloudmark\.com", r"cm-csi-")),
     ("symantec", Outcome.IP_BLOCKED, _rx(r"symantec zodiac")),
-    ("trend micro", Outcome.IP_BLOCKED, _rx(r"trend ?micro (rbl|ers|email reputation)", r"mail-abuse\.com")),
+    ("trend micro", Outcome.IP_BLOCKED, _rx(r"trend ?micro (rbl|ers|email reputation)", r"mail-abuse\.com",
+                                            r"\bERS-[A-Z][\w-]*")),
     ("spamhaus domain list", Outcome.POLICY, _rx(r"\bdbl\.spamhaus", r"spamhaus dbl", r"query/domain/",
                                                  r"\buribl\b", r"\bsurbl\b", r"mailfrom domain is listed")),
     ("dnsbl operator", Outcome.IP_BLOCKED,
@@ -223,8 +224,10 @@ _RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|pro
              r"open relay (is )?not allowed", r"rcpthosts", r"not a gateway", r"unauthori[sz]ed relay",
              r"relaying to .* prohibited", r"we do not relay", r"local user only", r"tenantattribution",
              r"domain of forward path is not allowed", r"specified domain is not allowed",
-             r"domain isn't in my list", r"not local host", r"requires authentication when attempting to send "
-             r"to a non-local", r"relay denied", r"relaying denied", r"credentials for relay", r"insecure mail relay")
+             r"domain isn't in my list", r"not local host", r"mx (records? )?(do|does) not point to us",
+             r"(domain|recipient domain) (is )?not (hosted|served|handled) (here|by us)",
+             r"requires authentication when attempting to send to a non-local", r"relay denied",
+             r"relaying denied", r"credentials for relay", r"insecure mail relay")
 _TLS = _rx(r"starttls", r"tls (is )?required", r"(requires?|must use) (encryption|tls)", r"encryption required",
            r"must support tls", r"route requires", r"(not|n't) support tls")
 _HELO = _rx(r"hel[lo]o command rejected", r"helo/ehlo (argument|requires)", r"fully[- ]qualified hostname",
@@ -254,12 +257,14 @@ _BLOCK = _rx(
     r"ip .{0,20}bad reputation",
     r"reverse (dns|hostname|look ?up|look name)", r"\bptr\b", r"\brdns\b", r"cannot find your (reverse )?hostname",
     r"client (host|ip|address)\b.{0,40}\b(blocked|rejected|denied|refused)", r"client address .* blocked",
-    r"(this|the|your|sending|source|client|connecting|originating) (server )?ip( address(es)?|s)?\b.{0,60}"
+    r"(this|the|your|sending|sender|source|client|connecting|originating) (server )?ip( address(es)?|s)?\b.{0,60}"
     r"(block|ban|reject|refus|deni|list|not (allowed|permitted|accepted|authori))",
     r"(mail|messages?|connections?|host|client|sender|server) (from )?\[?\d{1,3}(\.\d{1,3}){3}\]?\W.{0,30}"
     r"(blocked|banned|rejected|refused|blacklisted|listed)", r"name lookup failed", r"connections? (rejected|denied)",
     r"\bip( address)?\W{1,3}[\d.:a-f]{7,}\W{1,3}(is )?(blocked|banned|rejected|blacklisted|refused|not allowed)",
-    r"(blocked|banned|rejected|refused) ip\b", r"banned sending ip", r"\bIP\s?[=:]\s?\d", r"adresse ip",
+    r"(blocked|banned|rejected|refused) ip\b", r"your ip( address)? is (sending|generating|flooding|listed|on )",
+    r"\b\d{1,3}(\.\d{1,3}){3}\]?\W{1,3}(has been|is) (temporarily )?(blocked|banned|blacklisted|listed)",
+    r"banned sending ip", r"\bIP\s?[=:]\s?\d", r"adresse ip",
     r"dynablock", r"dynamic ip", r"dial-?up", r"residential", r"geo(ip|graphical)",
     r"not (allowed|permitted) to connect", r"connections? (not accepted|will not be accepted|rejected|denied) from",
     r"mismatches client ip", r"connections? (not accepted|will not be accepted|rejected|denied)",
