@@ -194,3 +194,15 @@ def test_explain_reply_command() -> None:
                                                   "User unknown in local recipient table"])
     assert r.exit_code == 0, r.output
     assert "undeliverable / no_mailbox" in r.output and "vendor" in r.output
+
+
+def test_hostile_text_costs_little_and_never_raises() -> None:
+    """A server may send 100 lines of 4 KB: classification stays cheap (no regex blow-up)."""
+    import time
+
+    for text in ("client address " * 20000, "(" * 50000 + "user", "550-" * 100000, "a@" * 100000,
+                 "[192.0.2.1] " * 40000, "\x00\xff" * 50000):
+        t0 = time.perf_counter()
+        c = classify_parts(550, None, text)
+        assert c.outcome is not Outcome.NO_MAILBOX
+        assert time.perf_counter() - t0 < 1.0, text[:20]

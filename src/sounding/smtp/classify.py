@@ -112,7 +112,7 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
     ("gmail authentication requirements", Outcome.POLICY,
      _rx(r"no DMARC alignment", r"\b[45]\.7\.(27|30|32)\b", r"gcdp")),
     ("gmail 4.7.28 unsolicited rate", Outcome.RATE_LIMITED,
-     _rx(r"UnsolicitedRateLimitError", r"unusual rate of unsolicited mail.*rate limited")),
+     _rx(r"UnsolicitedRateLimitError", r"unusual rate of unsolicited mail.{0,200}rate limited")),
     ("gmail per-transaction limit", Outcome.RATE_LIMITED,
      _rx(r"domain policy size per transaction exceeded", r"try this recipient in a separate transaction",
          r"multiple destination domains per transaction")),
@@ -171,16 +171,16 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
      _rx(r"Nemesis ESMTP Service not available", r"No SMTP service", r"Bad DNS PTR resource record",
          r"policy restrictions \(IP based\)")),
     ("t-online block", Outcome.IP_BLOCKED, _rx(r"tosa@rx\.t-online\.de", r"\(BL\)")),
-    ("mail.ru block", Outcome.IP_BLOCKED, _rx(r"support_bl\b", r"access from ip address .* blocked")),
-    ("mail.ru disabled", Outcome.MAILBOX_DISABLED, _rx(r"invalid mailbox.*account is disabled")),
-    ("qq blocked IP", Outcome.IP_BLOCKED, _rx(r"frequency limited.*blocked ip")),
+    ("mail.ru block", Outcome.IP_BLOCKED, _rx(r"support_bl\b", r"access from ip address .{0,60}blocked")),
+    ("mail.ru disabled", Outcome.MAILBOX_DISABLED, _rx(r"invalid mailbox.{0,120}account is disabled")),
+    ("qq blocked IP", Outcome.IP_BLOCKED, _rx(r"frequency limited.{0,120}blocked ip")),
     ("qq frequency", Outcome.RATE_LIMITED,
      _rx(r"frequency limited", r"mailbox unavailable or access deni")),
     ("qq block", Outcome.IP_BLOCKED, _rx(r"suspected (spam ip|bounce attacks)")),
     # Security gateways and blocklist operators
     ("proofpoint block", Outcome.IP_BLOCKED,
      _rx(r"ipcheck\.proofpoint\.com", r"proofpoint\.com/dnsbl-lookup", r"Proofpoint Dynamic Reputation")),
-    ("mimecast greylist", Outcome.GREYLISTED, _rx(r"internal resources? (are|is) temporarily unavailable")),
+    ("mimecast greylist", Outcome.GREYLISTED, _rx(r"internal resources? (are |is )?temporarily unavailable")),
     ("mimecast reputation", Outcome.IP_BLOCKED,
      _rx(r"csi\.mimecast\.org", r"poor reputation sender", r"local ct ip reputation",
          r"ip temporarily blacklisted")),
@@ -222,7 +222,7 @@ _GREYLIST = _rx(r"gr[ae]y-?list", r"not yet authori[sz]ed", r"(please )?come bac
 _RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|prohibited|disallowed|refused|rejected)",
              r"unable to relay", r"(not|isn't) (configured |allowed |permitted )?to relay", r"relay not permitted",
              r"open relay (is )?not allowed", r"rcpthosts", r"not a gateway", r"unauthori[sz]ed relay",
-             r"relaying to .* prohibited", r"we do not relay", r"local user only", r"tenantattribution",
+             r"relaying to .{0,80}prohibited", r"we do not relay", r"local user only", r"tenantattribution",
              r"domain of forward path is not allowed", r"specified domain is not allowed",
              r"domain isn't in my list", r"not local host", r"mx (records? )?(do|does) not point to us",
              r"(domain|recipient domain) (is )?not (hosted|served|handled) (here|by us)",
@@ -231,7 +231,7 @@ _RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|pro
 _TLS = _rx(r"starttls", r"tls (is )?required", r"(requires?|must use) (encryption|tls)", r"encryption required",
            r"must support tls", r"route requires", r"(not|n't) support tls")
 _HELO = _rx(r"hel[lo]o command rejected", r"helo/ehlo (argument|requires)", r"fully[- ]qualified hostname",
-            r"invalid (helo|ehlo)", r"\bhelo\b.*(rejected|invalid|requires)", r"bad helo", r"send hel+o first",
+            r"invalid (helo|ehlo)", r"\bhelo\b.{0,60}(rejected|invalid|requires)", r"bad helo", r"send hel+o first",
             r"helo / ehlo requires")
 _PROTO = _rx(r"syntax error", r"bad sequence", r"improper (use|sequence)", r"protocol violation",
              r"line (limit exceeded|too long)", r"command (not (recognized|implemented)|unrecognized)",
@@ -246,7 +246,7 @@ _EXPIRED = _rx(r"message expired", r"queue\.?expired", r"delivery time expired",
 _AUTH = _rx(r"\bspf\b", r"dkim", r"dmarc", r"unauthenticated", r"from:? header", r"header from",
             r"authentication (required|checks?|results|failed|level)",
             r"not authenticated", r"must authenticate", r"auth(entication)? failed", r"fail(ed)? to authenticate",
-            r"smtp authentication", r"sender policy framework")
+            r"smtp authentication", r"sender policy framework", r"must issue an auth")
 # The connecting host: blocklists, IP reputation, reverse DNS. Strong enough to beat sender words.
 _BLOCK = _rx(
     r"blocked using \S+\.\S+", r"client host .{0,60}(blocked|rejected|banned)", r"listed (on|at|in|by)\b",
@@ -256,7 +256,7 @@ _BLOCK = _rx(
     r"sending (mta|ip|server)\W{0,3}s? (poor|bad|low) reputation", r"poor reputation sender",
     r"ip .{0,20}bad reputation",
     r"reverse (dns|hostname|look ?up|look name)", r"\bptr\b", r"\brdns\b", r"cannot find your (reverse )?hostname",
-    r"client (host|ip|address)\b.{0,40}\b(blocked|rejected|denied|refused)", r"client address .* blocked",
+    r"client (host|ip|address)\b.{0,40}\b(blocked|rejected|denied|refused)", r"client address .{0,60}blocked",
     r"(this|the|your|sending|sender|source|client|connecting|originating) (server )?ip( address(es)?|s)?\b.{0,60}"
     r"(block|ban|reject|refus|deni|list|not (allowed|permitted|accepted|authori))",
     r"(mail|messages?|connections?|host|client|sender|server) (from )?\[?\d{1,3}(\.\d{1,3}){3}\]?\W.{0,30}"
@@ -431,7 +431,7 @@ def classify_parts(code: int | None, enhanced: tuple[int, int, int] | None,
 
 
 _PASTE_PREFIX = re.compile(
-    r"^\s*(?:diagnostic-code:\s*)?(?:smtp\s*;\s*)?(?:.*?\b(?:said|says|replied|response was)\s*:\s*)?", re.I)
+    r"^\s*(?:diagnostic-code:\s*)?(?:smtp\s*;\s*)?(?:.{0,300}?\b(?:said|says|replied|response was)\s*:\s*)?", re.I)
 _PASTE_SUFFIX = re.compile(r"\s*\(in reply to [^)]*\)\)?\s*$", re.I)
 _PASTE_CODE = re.compile(r"^([245]\d\d)(?=[ -]|$)")
 
@@ -482,6 +482,9 @@ _X7: dict[int, tuple[Outcome, str]] = {
 }
 
 
+_MAX_TEXT = 4096
+
+
 def _norm(text: str) -> tuple[str, str]:
     """(words, urls): the text without codes, URLs and addresses; and its URLs."""
     body = _INNER_CODE.sub(" ", _LEADING_CODE.sub("", text))
@@ -510,6 +513,9 @@ def _snip(m: re.Match[str]) -> str:
 
 def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text: str) -> Explanation:
     """Classify and say why: which layer decided (structure, vendor, wording) on what evidence."""
+    # A reply's meaning is in its first lines (RFC 5321 §4.5.3.1.5: 512 octets a line); a hostile
+    # server's megabyte of text must not cost us more than a few of them.
+    text = text[:_MAX_TEXT]
     enh = _enhanced_of(enhanced, text)
     t, urls = _norm(text)  # the words, without URLs ("?ip=" in a link is not an IP block)
     enh_s = ".".join(map(str, enh)) if enh else ""
