@@ -252,12 +252,13 @@ async def _explain_holds(verifier: Verifier, prog: Any) -> None:
         await asyncio.sleep(1.0)
         waits = [h for h in holds() if h[1] >= 2.0]
         note = ""
+        secs = None
         if waits:
             receiver, secs, why = max(waits, key=lambda h: h[1])
             note = f"waiting: {receiver} {why}, next session in {secs:.0f} s"
             if len(waits) > 1:
                 note += f" (+{len(waits) - 1} more receivers waiting)"
-        prog.update(note=note)
+        prog.update(note=note, wait=secs)
 
 
 def _write_result(input_path: Path, column: str | None, journal: Any, output: str,
@@ -330,6 +331,7 @@ def demo(
     out_file: Annotated[Path | None, typer.Option("-o", "--output", help="Also write results CSV here.")] = None,
 ) -> None:
     """Start the bundled sandbox world and verify its sample list against the ground truth."""
+    from .cli_progress import ProgressReporter
     from .sandbox import Sandbox, default_world
 
     async def run() -> int:
@@ -340,7 +342,19 @@ def demo(
                          allow_private_mx=True, max_wait=60.0,
                          timeouts=Timeouts(connect=3, greeting=10, command=10, session=60))
             v = Verifier(s)
-            got = {x.index: x async for x in v.verify_many([a for a, _, _ in sample])}
+            err.print(f"the sandbox world is up: {len(world.hosts)} mail servers on 127.x.y.z; verifying "
+                      f"{len(sample)} sample addresses (greylisting and courtesy limits make this take "
+                      "about a minute)", highlight=False, soft_wrap=True)
+            got: dict[int, Verdict] = {}
+            with ProgressReporter(err, "demo", unit="addresses", plain_every=10.0) as prog:
+                prog.update(total=len(sample), completed=0)
+                notes = asyncio.create_task(_explain_holds(v, prog))
+                try:
+                    async for x in v.verify_many([a for a, _, _ in sample]):
+                        got[x.index] = x
+                        prog.update(advance=1)
+                finally:
+                    notes.cancel()
             sessions = sb.log.sessions()
         t = Table("address", "MX personality", "truth", "verdict", "reason", "ok", title="Sounding demo")
         ok = 0

@@ -98,7 +98,9 @@ class ProgressReporter:
         self.total: int | None = None
         self.completed = 0
         self.note = ""
-        self._last_plain = clock()
+        self._last_plain = -float("inf")  # the first update prints at once
+        self.eta_hint: float | None = None
+        self._not_before: float | None = None  # no ETA earlier than this (a known wait)
         self._rich: _NotedProgress | None = None
         self._task: Any = None
 
@@ -121,8 +123,13 @@ class ProgressReporter:
 
     # ------------------------------------------------------------------ updates
     def update(self, *, completed: int | None = None, advance: int = 0, total: int | None = None,
-               note: str | None = None) -> None:
-        """Move the bar (``completed`` absolute, or ``advance``); ``note`` replaces the note."""
+               note: str | None = None, eta_hint: float | None = None, wait: float | None = None) -> None:
+        """Move the bar (``completed`` absolute, or ``advance``); ``note`` replaces the note;
+        ``eta_hint`` (e.g. the server's estimate) is shown until our own rate is known; ``wait``:
+        seconds that something known holds the rest back (the ETA is never shorter)."""
+        self.eta_hint = eta_hint
+        if note is not None:
+            self._not_before = self.clock() + wait if wait is not None else None
         if total is not None:
             self.total = total
         if completed is not None:
@@ -132,7 +139,7 @@ class ProgressReporter:
             self.note = note
         self.meter.add(self.completed)
         rate = self.meter.rate()
-        eta = self.meter.eta(self.total - self.completed) if self.total is not None else None
+        eta = self._eta()
         if self._rich is not None:
             self._rich.note = self.note
             self._rich.update(self._task, total=self.total, completed=self.completed, rate=rate, eta=eta)
@@ -140,12 +147,21 @@ class ProgressReporter:
             self._last_plain = self.clock()
             self.console.print(self.line(), highlight=False, soft_wrap=True)
 
+    def _eta(self) -> float | None:
+        if self.total is None:
+            return None
+        eta = self.meter.eta(self.total - self.completed)
+        eta = self.eta_hint if eta is None else eta
+        if self._not_before is not None and self.completed < self.total:
+            eta = max(eta or 0.0, self._not_before - self.clock())
+        return eta
+
     def line(self) -> str:
         """The plain progress line (what a log gets every ``plain_every`` seconds)."""
         total = self.total
         pct = f" ({100 * self.completed / total:.1f} %)" if total else ""
         rate = self.meter.rate()
-        eta = self.meter.eta(total - self.completed) if total is not None else None
+        eta = self._eta()
         of = f"{total:,}" if total is not None else "?"
         return (f"{self.label}: {self.completed:,}/{of} {self.unit}{pct}, "
                 f"{(f'{rate:,.1f}' if rate else '–')} {self.unit}/s, ETA {fmt_duration(eta)}"

@@ -199,14 +199,24 @@ def jobs_submit(
         _follow(url, key, job["id"])
 
 
-def _follow(url: str, key: str, job_id: str) -> dict[str, Any]:
-    while True:
-        p = _check(*_call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}", key)[:2])
-        err.print(f"{p['state']}: {p['done']}/{p['total']} ({p['percent']} %)"
-                  + (f", ETA {p['eta_seconds']:.0f} s" if p.get("eta_seconds") else ""))
-        if p["state"] not in ("queued", "running"):
-            return p  # type: ignore[no-any-return]
-        time.sleep(2)
+def _follow(url: str, key: str, job_id: str, *, every: float = 1.0) -> dict[str, Any]:
+    """Follow a job to its end: a progress bar with the job's rate and ETA measured here over
+    the last minute (plain lines when not on a terminal); the final state on one line."""
+    from .cli_progress import ProgressReporter
+
+    with ProgressReporter(err, f"job {job_id[:8]}", unit="rows", plain_every=10.0) as prog:
+        while True:
+            p = _check(*_call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}", key)[:2])
+            note = "queued: waiting for a worker" if p["state"] == "queued" else ""
+            prog.update(total=int(p["total"]), completed=int(p["done"]), note=note,
+                        eta_hint=p.get("eta_seconds"))
+            if p["state"] not in ("queued", "running"):
+                break
+            time.sleep(every)
+    counts = " ".join(f"{k}={v}" for k, v in sorted((p.get("by_status") or {}).items()))
+    err.print(f"{p['state']}: {p['done']}/{p['total']} ({p['percent']} %)" + (f"; {counts}" if counts else ""),
+              highlight=False, soft_wrap=True)
+    return p  # type: ignore[no-any-return]
 
 
 @jobs_app.command("status")
