@@ -162,7 +162,9 @@ def _client(args: argparse.Namespace) -> None:
     """Child: verify the list with one client under one loop; write statuses, wall and CPU."""
     addrs = json.loads(Path(args.list).read_text())
     if args.client == "sounding":
-        import sounding.engine  # noqa: F401  (imports are not part of the run)
+        # imports are not part of the run (a process pays them once, not per list)
+        import sounding.engine  # noqa: F401
+        import sounding.store.registry  # noqa: F401
 
         run = _run_sounding
     else:
@@ -179,7 +181,7 @@ def _client(args: argparse.Namespace) -> None:
 
         prof = cProfile.Profile()
     with runner:
-        c0, t0 = time.process_time(), time.perf_counter()
+        c0, t0, started = time.process_time(), time.perf_counter(), time.time()
         if prof is not None:
             prof.enable()
         got = runner.run(run(addrs, args))
@@ -188,14 +190,21 @@ def _client(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof is not None:
         prof.dump_stats(args.profile)
-    Path(args.out).write_text(json.dumps({"wall": wall, "cpu": cpu, "status": got}))
+    Path(args.out).write_text(json.dumps({"wall": wall, "cpu": cpu, "started": started, "status": got}))
 
 
 # --------------------------------------------------------------------------- measuring
-def _session_lengths(records: list[dict[str, Any]]) -> list[float]:
+def _timeline(records: list[dict[str, Any]], started: float) -> dict[str, float]:
+    """Session lengths and when sessions started (seconds after the client's start)."""
     from sounding.sandbox.log import sessions_from
 
-    return [s.end - s.start for s in sessions_from(records) if s.end is not None]
+    sessions = sessions_from(records)
+    lengths = [s.end - s.start for s in sessions if s.end is not None]
+    starts = sorted(s.start - started for s in sessions)
+    if not starts:
+        return {"median_session_s": 0.0, "first_session_s": 0.0, "half_started_s": 0.0, "all_started_s": 0.0}
+    return {"median_session_s": statistics.median(lengths) if lengths else 0.0, "first_session_s": starts[0],
+            "half_started_s": starts[len(starts) // 2], "all_started_s": starts[-1]}
 
 
 def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[str, Any], log: Path,
@@ -223,20 +232,21 @@ def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[s
     res = json.loads(out.read_text())
     n = len(addrs)
     records = _log_slice(log, start)
-    lengths = _session_lengths(records)
     r = {"client": client, "loop": loop, "addresses": n, "wall_s": res["wall"],
          "cpu_s_per_1000": res["cpu"] / n * 1000, "peak_mem_mb": ru.ru_maxrss / 1024,
-         "median_session_s": statistics.median(lengths) if lengths else 0.0,
          "right_status": sum(res["status"].get(a) == t for a, t in addrs) / n,
          "statuses": dict(Counter(res["status"].values()))}
     r.update(_conduct(records, n))
+    r.update(_timeline(records, res["started"]))
     return r
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("client", "{}"), ("loop", "{}"), ("addresses", "{}"), ("wall_s", "{:.2f}"), ("ratio", "{:.2f}x"),
             ("cpu_s_per_1000", "{:.2f}"), ("peak_mem_mb", "{:.0f}"), ("sessions_per_addr", "{:.3f}"),
-            ("max_sessions_per_host", "{}"), ("median_session_s", "{:.2f}"), ("right_status", "{:.1%}"),
+            ("max_sessions_per_host", "{}"), ("median_session_s", "{:.2f}"), ("first_session_s", "{:.2f}"),
+            ("half_started_s", "{:.2f}"),
+            ("all_started_s", "{:.2f}"), ("right_status", "{:.1%}"),
             ("forbidden", "{}"), ("without_quit", "{}"), ("runs", "{}")]
     cells = [[c for c, _ in cols]] + [[f.format(r.get(c, 0)).replace(" ", "") for c, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]

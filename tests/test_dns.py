@@ -81,3 +81,19 @@ async def test_queries_in_flight_are_bounded(world_sandbox: Sandbox) -> None:
     got = await asyncio.gather(*(r.resolve(d) for d in domains))
     assert [x.status for x in got] == [MxStatus.OK, MxStatus.OK, MxStatus.NULL_MX, MxStatus.OK]
     assert r.peak_queries == 2
+
+
+async def test_a_domain_completes_before_every_mx_query_is_asked(world_sandbox: Sandbox) -> None:
+    # One query at a time, five domains asked at once: the first domain's MX host addresses
+    # (urgent) go before the other domains' MX queries, so it is ready long before the last.
+    r = resolver(world_sandbox, allow_private=True, max_queries=1)
+    seen: dict[str, int] = {}
+
+    async def one(d: str) -> None:
+        await r.resolve(d)
+        seen[d] = r.lookups
+
+    domains = ["honest.example", "backup.example", "implicit.example", "nullmx.example", "greylist.example"]
+    await asyncio.gather(*(one(d) for d in domains))
+    # in FIFO order it would need all five MX queries and then its own A and AAAA (7)
+    assert seen["honest.example"] < len(domains) + 2, seen

@@ -20,9 +20,10 @@ Rules (RFC 5321 §5.1, RFC 7505):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -169,6 +170,42 @@ async def txt_strings(name: str, nameservers: Sequence[tuple[str, int]] | None =
     return [b"".join(rd.strings).decode("utf-8", "replace") for rd in ans]
 
 
+class _Slots:
+    """A counting semaphore with two classes of waiters: urgent ones are served first."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._urgent: deque[asyncio.Future[None]] = deque()
+        self._normal: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, urgent: bool) -> None:
+        """Take a slot (wait for one if none is free)."""
+        if self.free > 0 and not self._urgent and not self._normal:
+            self.free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        (self._urgent if urgent else self._normal).append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    (self._urgent if urgent else self._normal).remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the oldest urgent waiter, else the oldest other one."""
+        for q in (self._urgent, self._normal):
+            while q:
+                fut = q.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self.free += 1
+
+
 #: (addresses, ttl, failure detail or None, NXDOMAIN for both A and AAAA)
 _HostAddresses = tuple[tuple[str, ...], int, str | None, bool]
 
@@ -181,7 +218,7 @@ class MxResolver:
 
     def __init__(self, nameservers: Sequence[tuple[str, int]] | None = None, *,
                  timeout: float = 5.0, lifetime: float = 12.0, allow_private: bool = False,
-                 cache_size: int = 100_000, negative_ttl: int = 300, max_queries: int = 256,
+                 cache_size: int = 100_000, negative_ttl: int = 300, max_queries: int = 512,
                  clock: Callable[[], float] = time.monotonic) -> None:
         r = make_resolver(nameservers, timeout=timeout, lifetime=lifetime)
         r.cache = None  # we cache whole MxResults (and MX hosts' addresses) ourselves
@@ -198,7 +235,7 @@ class MxResolver:
         #: Queries in flight at once: a wide list must not open a socket per domain at once
         #: (file descriptors) nor drown the resolver (a dropped UDP query costs a timeout).
         self.max_queries = max(1, max_queries)
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
         self._clock = clock
         self.lookups = 0
         self._in_flight = 0
@@ -233,17 +270,21 @@ class MxResolver:
         finally:
             del self._inflight[d]
 
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+    async def _query(self, name: str, rdtype: str, *, urgent: bool = False) -> dns.resolver.Answer:
+        """One query, when a slot is free. ``urgent`` queries (an MX host's addresses: the
+        last step before a domain's sessions can start) go before waiting MX queries, so a
+        wide list's first sessions start while the rest of its domains are still looked up."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_queries)
-        async with self._slots:
-            self.lookups += 1
-            self._in_flight += 1
-            self.peak_queries = max(self.peak_queries, self._in_flight)
-            try:
-                return await self._r.resolve(name, rdtype, search=False)
-            finally:
-                self._in_flight -= 1
+            self._slots = _Slots(self.max_queries)
+        await self._slots.acquire(urgent)
+        self.lookups += 1
+        self._in_flight += 1
+        self.peak_queries = max(self.peak_queries, self._in_flight)
+        try:
+            return await self._r.resolve(name, rdtype, search=False)
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
 
     async def _addresses(self, host: str) -> _HostAddresses:
         """A and AAAA of ``host``: (addresses, ttl, failure detail or None, whether the name
@@ -299,7 +340,7 @@ class MxResolver:
     async def _one_family(self, host: str, rdtype: str
                           ) -> tuple[dns.resolver.Answer | None, dns.exception.DNSException | None]:
         try:
-            return await self._query(host, rdtype), None
+            return await self._query(host, rdtype, urgent=True), None
         except dns.exception.DNSException as exc:
             return None, exc
 

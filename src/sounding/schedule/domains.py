@@ -8,18 +8,15 @@ random probe's answer before it may be called deliverable.
 from __future__ import annotations
 
 import random
-import string
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..address import ParsedAddress, parse_address
+from ..address import ParsedAddress, probe_address, random_local
 from ..smtp.reply import Reply
 from ..verdict import CatchAll
 from .recipient import Recipient
-
-_LOCAL_CHARS = string.ascii_lowercase + string.digits
 
 
 @dataclass(eq=False)
@@ -81,10 +78,11 @@ class DomainBook:
         """The control recipients of ``p``'s domain: postmaster@ (if enabled) and a random one."""
         out = []
         now = self.clock()
+        # Made from the client address's validated domain, not parsed again: thousands of
+        # small domains mean two probes per address or so.
         if self.probe_postmaster:
-            out.append(Recipient(parse_address(f"postmaster@{p.domain}"), "postmaster", first_seen=now))
-        local = "".join(self.rng.choice(_LOCAL_CHARS) for _ in range(14))
-        out.append(Recipient(parse_address(f"{local}@{p.domain}"), "probe", first_seen=now))
+            out.append(Recipient(probe_address(p, "postmaster"), "postmaster", first_seen=now))
+        out.append(Recipient(probe_address(p, random_local(self.rng)), "probe", first_seen=now))
         return out
 
     def forget_open(self) -> None:

@@ -414,20 +414,33 @@ def blocklist_of(text: str) -> tuple[str | None, str | None]:
     return name, url
 
 
-@functools.lru_cache(maxsize=4096)
+# A recipient in angle brackets ("550 5.1.1 <x@example.com>: ... User unknown"); never a URL.
+_RCPT_IN_TEXT = re.compile(r"<(?![^<>]*://)[^<>\s@]*@[^<>\s]*>")
+
+
 def classify(reply: Reply) -> Classification:
     """Classify a complete reply.
 
-    Memoised (a reply is a frozen value and its meaning depends on nothing else): the session,
-    the absorber and the verdict each look at the same reply, and identical replies
-    ("250 2.1.5 Ok") are the rule across sessions."""
-    return classify_parts(reply.code, reply.enhanced, reply.text)
+    Memoised on the reply with its recipient masked: the wording never depends on the address
+    (:func:`explain_parts` drops addresses before reading), and a server answers every
+    unknown recipient in the same words, so a list's thousands of refusals are read once per
+    server style. Only a block's evidence (list name, delisting URL) is read from the very text.
+    """
+    text = reply.text
+    masked = _RCPT_IN_TEXT.sub("<>", text)
+    c = _classify_masked(reply.code, reply.enhanced, masked)
+    if c.outcome is Outcome.IP_BLOCKED and masked != text:
+        return classify_parts(reply.code, reply.enhanced, text)
+    return c
 
 
 def classify_parts(code: int | None, enhanced: tuple[int, int, int] | None,
                    text: str) -> Classification:
     """Classify from a basic code (may be missing), an enhanced code and the text."""
     return explain_parts(code, enhanced, text).classification
+
+
+_classify_masked = functools.lru_cache(maxsize=4096)(classify_parts)
 
 
 _PASTE_PREFIX = re.compile(
