@@ -162,16 +162,29 @@ def verify_list(
                               "nameservers": s.nameservers, "smtp_port": s.smtp_port,
                               "allow_private_mx": s.allow_private_mx, "postmaster": s.probe_postmaster})
     jdir = Path(s.state_dir or default_state_dir()) / "journals"
-    journal = Journal.for_run(jdir, ident)
-    if restart:
-        journal.remove()
-        journal = Journal.for_run(jdir, ident)
     try:
+        journal = Journal.for_run(jdir, ident)
+        if restart:
+            journal.remove()
+            journal = Journal.for_run(jdir, ident)
         v = Verifier(s)
     except SoundingError as exc:
         src.close()
         _fail(exc)
         return
+    try:
+        _run_journaled(input_path, column, src, journal, v, output, kind)
+    except KeyboardInterrupt:  # while counting or writing: nothing is lost either
+        src.close()
+        journal.close()
+        err.print(f"interrupted; the verdicts so far are kept in {journal.path}: run the same command again",
+                  soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def _run_journaled(input_path: Path, column: str | None, src: Any, journal: Any, v: Verifier,
+                   output: str, kind: str) -> None:
+    reader = src.reader
     if err.is_terminal:
         err.print(f"counting the rows of {input_path.name}…", end="\r")
     total = src.count()

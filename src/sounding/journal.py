@@ -19,7 +19,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import SoundingError
 from .verdict import Verdict
+
+
+class JournalBusy(SoundingError):
+    """The same list with the same settings is being verified by another process."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,6 +64,7 @@ class Journal:
     def __init__(self, path: Path, ident: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._lock = _lock(Path(str(path) + ".lock"))
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -137,15 +143,33 @@ class Journal:
 
     # -------------------------------------------------------------- life
     def close(self) -> None:
-        """Commit and close."""
+        """Commit, close and let another run take the journal."""
+        if self._lock.closed:
+            return
         self.commit()
         self._db.close()
+        self._lock.close()
 
     def remove(self) -> None:
         """Close and delete the journal (the output is complete)."""
         self.close()
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".lock"):
             Path(str(self.path) + suffix).unlink(missing_ok=True)
+
+
+def _lock(path: Path) -> IO[str]:
+    """An exclusive lock on ``path`` for as long as the returned file is open (released by
+    the kernel when the process dies, ``kill -9`` included)."""
+    import fcntl
+
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open: it is the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.close()
+        raise JournalBusy(f"another run of this list is in progress (journal {path.with_suffix('')}); "
+                          "wait for it to end, or stop it") from exc
+    return fh
 
 
 def _load(text: str) -> Verdict:
