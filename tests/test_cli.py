@@ -121,7 +121,7 @@ def test_demo_matches_the_ground_truth() -> None:
     p = subprocess.run([sys.executable, "-m", "sounding", "demo"], capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "341/341 verdicts match the ground truth" in p.stdout
+    assert "386/386 verdicts match the ground truth" in p.stdout
     # progress on stderr from the start (a plain line at once, then every 10 s), not 60 s of silence
-    assert "demo: 0/341 addresses" in p.stderr and "verifying 341 sample addresses" in p.stderr
+    assert "demo: 0/386 addresses" in p.stderr and "verifying 386 sample addresses" in p.stderr
     assert "0 forbidden commands" in p.stdout

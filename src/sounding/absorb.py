@@ -7,17 +7,28 @@ feedback for the receiver's limiter (slow down, recover, a shown recipients limi
 source pool must remember (quarantine, ban, pause). Nothing here does I/O.
 
 A block is about us, never about the mailbox: blocked recipients are ``unknown`` (ip_blocked)
-and the receiver's refusals never become ``undeliverable`` on a block.
+and the receiver's refusals never become ``undeliverable`` on a block. A refusal in mailbox
+words is believed only as far as the session's controls allow (:mod:`sounding.controls`:
+postmaster@, the random probe, what the receiver accepted now and before), and the evidence
+says which comparison decided (``Evidence.decided_by``).
+
+Retries that fit the wait (:mod:`sounding.retry`): a greylisted recipient comes back from the
+same source with the same sender on a schedule inside ``max_wait``; a session the server
+dropped is retried once, later and at most half as large, and the limit it showed is learned.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .address import ParsedAddress
+from .controls import MAILBOX_REFUSALS, Controls, ReceiverHistory, judge_acceptance, judge_refusal
 from .courtesy.pool import Rep, SourcePool
-from .errors import ConnectFailed, PhaseTimeout
+from .errors import ConnectFailed, ConnectionLost, PhaseTimeout
+from .retry import GreylistPlan, after_drop, greylist_retry_at
 from .schedule import ConductStats, DomainBook, DomainState, Feedback, Recipient
 from .smtp.classify import Classification, Outcome, classify
 from .smtp.reply import ProtocolError, Reply
@@ -89,6 +100,8 @@ def rcpt_verdict(j: Recipient, d: DomainState, reply: Reply, cls: Classification
     flags = flags_of(j.parsed)
     if d.postmaster is not None and classify(d.postmaster).outcome is Outcome.NO_MAILBOX:
         flags = flags | {"postmaster_rejected"}
+    if cls.outcome is Outcome.ACCEPTED and evidence.decided_by is None:
+        evidence = dataclasses.replace(evidence, decided_by=judge_acceptance(ca.state, d.random, d.postmaster))
     return from_rcpt(j.rcpt, reply, cls, catch_all=ca, accept_all_provider=accept_all,
                      flags=flags, evidence=evidence, **kw_of(j.parsed))
 
@@ -104,6 +117,8 @@ def settle(out: Absorbed, j: Recipient, domains: DomainBook, settings: Settings,
         d.postmaster = reply
         return
     if j.kind == "probe":
+        if reply is not None:
+            d.random = reply
         if d.catch_all is None:
             if cls is not None and cls.outcome is Outcome.ACCEPTED:
                 d.catch_all = CatchAll("accepted")
@@ -125,12 +140,14 @@ def settle(out: Absorbed, j: Recipient, domains: DomainBook, settings: Settings,
 
 def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source: str, domains: DomainBook,
            pool: SourcePool, stats: ConductStats, settings: Settings, now: float,
-           wall_now: float) -> Absorbed:
+           wall_now: float, history: ReceiverHistory | None = None) -> Absorbed:
     """Turn a session's replies into verdicts, re-queued recipients and feedback.
 
-    Mutates only pure state: the recipients (pins, timers), the domains' findings, the source
-    pool (blocks) and the counters."""
+    ``history``: what this receiver accepted before (updated here with this session's
+    acceptances). Mutates only pure state: the recipients (pins, timers), the domains'
+    findings, the receiver's history, the source pool (blocks) and the counters."""
     s = settings
+    history = history if history is not None else ReceiverHistory()
     out = res.outcome
     result = Absorbed()
     requeue = result.requeue
@@ -166,6 +183,14 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
             fb_kind = "recover"
     # RFC 5321 §4.5.3.1.10: the server showed its recipients-per-session limit.
     result.feedback = Feedback(fb_kind, fb_hint, out.rcpt_accepted_before_limit)
+    unanswered = [j for j in chunk if j.rcpt not in out.replies and j not in requeue and id(j) not in settled]
+    dropped = isinstance(res.error, ConnectionLost) and out.greeting is not None and bool(unanswered) \
+        and not isinstance(res.error, ProtocolError)
+    if dropped:  # the server hung up mid-session: learn how many it answers; retry smaller
+        taught = after_drop(len(chunk), len(answered_rcpts))
+        result.feedback = dataclasses.replace(result.feedback, dropped_after=taught.learned_limit,
+                                              retry_size=taught.retry_size)
+    controls = _session_controls(chunk, out.replies, domains, history)
     for r in out.deferred:
         if by_rcpt[r] not in requeue:
             requeue.append(by_rcpt[r])
@@ -178,19 +203,35 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
             stats.rcpts += 1
         if cls.outcome is Outcome.NO_MAILBOX and j.kind != "postmaster" and reply is not out.fatal:
             result.unknowns += 1
+        if j.kind == "postmaster":  # its answer is a control even while it is retried
+            domains.get(j.parsed.domain).postmaster = reply
         if cls.outcome is Outcome.GREYLISTED:
             if j.greylisted_since is None:
                 j.greylisted_since = now
-            delay = cls.retry_after or s.greylist_default_delay
-            if (now + delay - j.first_seen <= s.max_wait
-                    and now + delay - j.greylisted_since <= s.greylist_window):
+            at = greylist_retry_at(now, first_seen=j.first_seen, greylisted_since=j.greylisted_since,
+                                   tries=j.greylist_tries, hint=cls.retry_after,
+                                   plan=GreylistPlan(s.max_wait, s.greylist_window, s.greylist_first_retry))
+            if at is not None and (j.kind == "client" or domains.get(j.parsed.domain).catch_all is None):
                 # pinned to this source; MAIL FROM is constant: the same triplet (RFC 6647 §2.1)
                 j.pin = source
-                j.not_before = now + delay + 0.2
+                j.not_before = at
+                j.greylist_tries += 1
                 stats.greylist_retries += 1
                 requeue.append(j)
                 continue
-        settle(result, j, domains, s, reply=reply, cls=cls, evidence=evidence_of(res, reply, cls))
+        ev = evidence_of(res, reply, cls)
+        if j.kind == "client" and cls.outcome in MAILBOX_REFUSALS and reply.is_permanent:
+            judged = judge_refusal(reply, controls(j))
+            ev = dataclasses.replace(ev, decided_by=judged.decided_by)
+            if not judged.credible:  # about us or the session, not the mailbox
+                settle(result, j, domains, s, unknown(j.rcpt, Reason.SESSION_REFUSED, evidence=ev,
+                                                      flags=flags_of(j.parsed), **kw_of(j.parsed)))
+                continue
+            if judged.flags:  # credible, and worth saying (the domain lacks postmaster@)
+                v = rcpt_verdict(j, domains.get(j.parsed.domain), reply, cls, ev, s)
+                settle(result, j, domains, s, dataclasses.replace(v, flags=v.flags | judged.flags))
+                continue
+        settle(result, j, domains, s, reply=reply, cls=cls, evidence=ev)
     # recipients never answered (connection lost, timeout, refused everywhere)
     for j in chunk:
         if j.rcpt in out.replies or j in requeue or id(j) in settled:
@@ -206,10 +247,10 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
             reason = Reason.TIMEOUT
         elif isinstance(err, ProtocolError):  # out of step or not SMTP: nothing counts
             reason = Reason.PROTOCOL_ERROR
-        if j.attempts < 1 and reason not in (Reason.CONNECTION_LOST, Reason.PROTOCOL_ERROR) and \
+        if j.attempts < 1 and (reason not in (Reason.CONNECTION_LOST, Reason.PROTOCOL_ERROR) or dropped) and \
                 now - j.first_seen < s.max_wait:
-            j.attempts += 1
-            j.not_before = now + 1.0
+            j.attempts += 1  # once: a dropped session later and smaller, else a second try soon
+            j.not_before = now + (s.drop_retry_delay if dropped else 1.0)
             requeue.append(j)
             continue
         ev = Evidence(res.mx_host, res.mx_ip, res.source_ip, transcript_id=res.transcript.id, detail=detail)
@@ -228,7 +269,41 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
             continue
         again.append(j)
     result.requeue = again
+    for j in chunk:  # remembered after judging: "before" means before this session
+        got = out.replies.get(j.rcpt)
+        if got is not None and j.kind != "probe" and got is not out.fatal and \
+                classify(got).outcome is Outcome.ACCEPTED:
+            history.note_accepted(j.rcpt)
     return result
+
+
+def _session_controls(chunk: list[Recipient], replies: dict[str, Reply], domains: DomainBook,
+                      history: ReceiverHistory) -> Callable[[Recipient], Controls]:
+    """The controls of one session, per client recipient's domain."""
+    accepted_now: list[str] = []
+    known_good_refused: list[tuple[str, Reply]] = []
+    pm_now: dict[str, Reply] = {}
+    rnd_now: dict[str, Reply] = {}
+    for j in chunk:
+        r = replies.get(j.rcpt)
+        if r is None:
+            continue
+        if j.kind == "postmaster":
+            pm_now[j.parsed.domain] = r
+        elif j.kind == "probe":
+            rnd_now[j.parsed.domain] = r
+        o = classify(r).outcome
+        if j.kind != "probe" and o is Outcome.ACCEPTED:
+            accepted_now.append(j.rcpt)
+        elif j.kind != "probe" and r.is_permanent and history.known_good(j.rcpt):
+            known_good_refused.append((j.rcpt, r))
+
+    def of(j: Recipient) -> Controls:
+        d = domains.get(j.parsed.domain)
+        return Controls(postmaster=pm_now.get(d.name, d.postmaster), random=rnd_now.get(d.name, d.random),
+                        accepted_now=tuple(a for a in accepted_now if a != j.rcpt),
+                        accepted_before=history.accepted, known_good_refused=tuple(known_good_refused))
+    return of
 
 
 def _blocked(result: Absorbed, receiver: str, source: str, jobs: list[Recipient], res: SessionResult, *,

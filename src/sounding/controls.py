@@ -26,7 +26,9 @@ the evidence; a random probe refused like an address the server accepted before 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 from .smtp.classify import Outcome, classify
 from .smtp.reply import Reply
@@ -125,3 +127,41 @@ def judge_acceptance(catch_all_state: str, random: Reply | None, postmaster: Rep
     if catch_all_state == "accepted":
         return f"random accepted{pm} → catch-all: an acceptance means nothing"
     return f"random probe unanswered{pm} → catch-all unknown"
+
+
+@dataclass
+class ReceiverHistory:
+    """What a receiver accepted before (a long-running verifier's memory of it): how many
+    acceptances, and the most recent accepted addresses -- known-good addresses whose
+    refusal later in a session shows that the session, not the mailbox, is refused."""
+
+    accepted: int = 0
+    recent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    keep: int = 256
+
+    def note_accepted(self, rcpt: str) -> None:
+        """The receiver accepted ``rcpt`` (a client's address or postmaster@)."""
+        self.accepted += 1
+        key = rcpt.lower()
+        self.recent[key] = None
+        self.recent.move_to_end(key)
+        while len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+
+    def known_good(self, rcpt: str) -> bool:
+        """Whether the receiver accepted ``rcpt`` before."""
+        return rcpt.lower() in self.recent
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (for a worker that takes the receiver over)."""
+        return {"accepted": self.accepted, "recent": list(self.recent)}
+
+    def load_dict(self, d: dict[str, Any]) -> None:
+        """Merge what another worker remembered."""
+        self.accepted = max(self.accepted, int(d.get("accepted", 0)))
+        for r in d.get("recent", []):
+            if str(r) not in self.recent:
+                self.recent[str(r)] = None
+                self.recent.move_to_end(str(r), last=False)
+        while len(self.recent) > self.keep:
+            self.recent.popitem(last=False)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .absorb import Absorbed, Accepted, absorb, flags_of, give_up, internal_error, kw_of, rcpt_verdict
 from .address import Flag, parse_address
+from .controls import ReceiverHistory
 from .courtesy.dnsbl import check_ip
 from .courtesy.exemptions import ExemptionRegistry
 from .courtesy.pool import Source, SourcePool
@@ -111,6 +112,8 @@ class Verifier:
                              on_session=lambda: self.on_session, clock=clock)
         self._checked_at: float | None = None
         self._limiters: dict[str, HostLimiter] = {}
+        #: per receiver: what it accepted before (the controls' "accepted before")
+        self.histories: dict[str, ReceiverHistory] = {}
         self._groups: dict[tuple[str, ...], _Group] = {}
         self.domains = DomainBook(s.catch_all_ttl, clock, probe_postmaster=s.probe_postmaster, rng=self.rng)
         #: accepted recipients waiting for their domain's catch-all finding
@@ -391,6 +394,15 @@ class Verifier:
                                                            self.clock)
         return lim
 
+    def history(self, receiver: str) -> ReceiverHistory:
+        """What ``receiver`` accepted before (bounded: the oldest receivers are forgotten)."""
+        h = self.histories.get(receiver)
+        if h is None:
+            h = self.histories[receiver] = ReceiverHistory()
+            if len(self.histories) > 50_000:
+                del self.histories[next(iter(self.histories))]
+        return h
+
     async def _run_group(self, g: _Group, inflight: dict[str, Recipient]) -> None:
         try:
             await self._group_loop(g, inflight)
@@ -431,7 +443,7 @@ class Verifier:
             now = self.clock()
             a = absorb(act.chunk, res, receiver=q.receiver, source=act.source.key, domains=self.domains,
                        pool=self.pool, stats=self.stats, settings=self.settings, now=now,
-                       wall_now=self.wall_clock())
+                       wall_now=self.wall_clock(), history=self.history(q.receiver))
             lim.apply(a.feedback)
             unknowns = a.unknowns
             self._apply(a, inflight)

@@ -51,8 +51,14 @@ class Settings:
     unknown_rcpt_window: float = 60.0
     #: Seconds between new sessions to one host.
     session_gap: float = 0.0
+    #: A greylister's usual delay (postgrey: 300 s); kept for reference and old configs.
     greylist_default_delay: float = 300.0
     greylist_window: float = 7200.0
+    #: The first greylist retry when the server gives no hint; each next one waits twice as
+    #: long, and a last one comes just before ``max_wait`` expires (see :mod:`sounding.retry`).
+    greylist_first_retry: float = 30.0
+    #: A dropped session's recipients are asked again (once) this many seconds later.
+    drop_retry_delay: float = 5.0
     use_starttls: bool = True
     #: MX addresses one delivery attempt may try -- Postfix ``smtp_mx_address_limit``
     #: (default 5, postconf(5)): "the maximal number of MX (mail exchanger) IP addresses

@@ -405,6 +405,19 @@ class SMTPPersonalityServer:
             await send(reply)
             if verb == "RCPT" and p.hangup_after_rcpts is not None and \
                     rcpts_in_session >= p.hangup_after_rcpts:
+                # what the client had already sent (pipelined) is logged unanswered: the
+                # log shows every command that reached the server
+                buffered = b""
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    while len(buffered) < 65536:  # the rest of the client's flight, if on its way
+                        more = await asyncio.wait_for(reader.read(65536), 0.05)
+                        if not more:
+                            break
+                        buffered += more
+                for raw_line in buffered.split(b"\r\n"):
+                    if raw_line.strip():
+                        v_, _, a_ = raw_line.decode("utf-8", "replace").partition(" ")
+                        ev(ev="cmd", verb=v_.upper(), arg=a_ if v_.upper() in ("MAIL", "RCPT") else "", code=None)
                 ev(ev="event", note="hangup_after_rcpts")
                 return "hangup"  # no 421, no goodbye: the connection just closes
 

@@ -115,6 +115,8 @@ PERSONALITIES: dict[str, Personality] = {
     "rcpt_limit": _H.with_(name="rcpt_limit", max_rcpt_per_session=3),
     "tarpit": _H.with_(name="tarpit", reply_delay=1.0, greeting_delay=2.0),
     "drop": _H.with_(name="drop", drop_at_rcpt=1),
+    "dropper": _H.with_(name="dropper", hangup_after_rcpts=3),
+    "refuse_all": _H.with_(name="refuse_all", refuse_all_rcpts=True),
     "multiline_greeting": _H.with_(name="multiline_greeting", greeting_lines=4),
     "require_tls": _H.with_(name="require_tls", starttls=True, require_tls=True),
     "strict_helo": _H.with_(name="strict_helo", reject_non_fqdn_helo=True),
@@ -380,13 +382,17 @@ def default_world(*, greylist_delay: float = 2.0, tarpit_delay: float = 0.3) -> 
         "fulltemp": "full_temp", "harvest": "harvest_guard", "connlimit": "conn_limit",
         "rcptlimit": "rcpt_limit", "drop": "drop", "banner": "multiline_greeting",
         "tls": "require_tls", "stricthelo": "strict_helo", "dnsbl": "dnsbl_reject",
-        "blocked": "block_all",
+        "blocked": "block_all", "dropper": "dropper", "refuseall": "refuse_all",
     }  # fmt: skip
     for short, pers in simple.items():
         w.add_host(f"mx1.{short}.example", pers)
         std(f"{short}.example", f"mx1.{short}.example", n_ok=12 if short == "harvest" else 8)
     # a second domain on the honest host: MX shared between domains
     std("shared-honest.example", "mx1.honest.example")
+    # a domain without postmaster@ (against RFC 5321 §4.5.1): its refusals stay credible
+    # because the server accepts other addresses (flagged no_postmaster)
+    w.add_host("mx1.nopostmaster.example", "honest")
+    std("nopostmaster.example", "mx1.nopostmaster.example", no_postmaster=True)
     # postgrey's --greylist-text with %s (seconds left): the retry hint a verifier can use
     w.add_host("mx1.greylist.example", "greylist", greylist_delay=greylist_delay,
                greylist_text="Greylisted for %s seconds, see http://postgrey.schweikert.ch/help/%r.html")

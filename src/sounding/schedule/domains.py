@@ -28,26 +28,36 @@ class DomainState:
     probe_assigned: bool = False
     postmaster: Reply | None = None
     catch_all: CatchAll | None = None
+    #: the random probe's reply (the evidence names it: "random refused 5.1.1")
+    random: Reply | None = None
 
     def to_dict(self, now: float) -> dict[str, Any]:
         """JSON-able; ``age`` relative to ``now``."""
-        pm = self.postmaster
         return {"name": self.name, "age": now - self.created, "probe_assigned": self.probe_assigned,
-                "postmaster": None if pm is None else {"code": pm.code, "lines": list(pm.lines),
-                                                       "enhanced": list(pm.enhanced) if pm.enhanced else None},
-                "catch_all": None if self.catch_all is None else self.catch_all.state}
+                "postmaster": _reply_dict(self.postmaster),
+                "catch_all": None if self.catch_all is None else self.catch_all.state,
+                "random": _reply_dict(self.random)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], now: float) -> DomainState:
         """Inverse of :meth:`to_dict`."""
-        pm = d.get("postmaster")
-        reply = None if pm is None else Reply(int(pm["code"]), tuple(pm["lines"]),
-                                              tuple(pm["enhanced"]) if pm.get("enhanced") else None)
         ca = d.get("catch_all")
         # a probe that was on the wire when its worker stopped is asked again
         return cls(str(d["name"]), now - float(d.get("age", 0.0)), bool(d.get("probe_assigned")) and ca is not None,
-                   reply,
-                   None if ca is None else CatchAll(str(ca)))
+                   _reply_of(d.get("postmaster")),
+                   None if ca is None else CatchAll(str(ca)), _reply_of(d.get("random")))
+
+
+def _reply_dict(r: Reply | None) -> dict[str, Any] | None:
+    return None if r is None else {"code": r.code, "lines": list(r.lines),
+                                   "enhanced": list(r.enhanced) if r.enhanced else None}
+
+
+def _reply_of(d: dict[str, Any] | None) -> Reply | None:
+    if d is None:
+        return None
+    enh = d.get("enhanced")
+    return Reply(int(d["code"]), tuple(d["lines"]), (int(enh[0]), int(enh[1]), int(enh[2])) if enh else None)
 
 
 class DomainBook:

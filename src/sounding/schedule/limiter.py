@@ -26,6 +26,10 @@ class Feedback:
     hint: float | None = None
     #: RFC 5321 §4.5.3.1.10: the server showed how many RCPTs it takes per session
     rcpt_limit: int | None = None
+    #: the server hung up mid-session after answering this many RCPTs (its real limit) ...
+    dropped_after: int | None = None
+    #: ... and the session that retries its recipients carries at most this many
+    retry_size: int | None = None
 
 
 class HostLimiter:
@@ -48,6 +52,8 @@ class HostLimiter:
         #: all RCPTs of a session (probes included); lowered when a server shows its limit
         self.total_limit = profile.rcpts_per_session + 2
         self.clean_sessions = 0
+        #: RCPTs per session the server showed by hanging up after them (None: not seen)
+        self.drop_limit: int | None = None
         self.clock = clock
 
     def budget(self) -> int:
@@ -103,6 +109,13 @@ class HostLimiter:
             self.recover()
         if fb.rcpt_limit is not None:
             self.total_limit = max(1, min(self.total_limit, fb.rcpt_limit))
+        if fb.dropped_after is not None:
+            # a dropped session: the retry goes out smaller (at most half), and later
+            # sessions grow back to what the server showed it answers, never beyond
+            self.drop_limit = max(1, min(self.drop_limit or fb.dropped_after, fb.dropped_after))
+            self.total_limit = max(1, min(self.total_limit, fb.retry_size or fb.dropped_after))
+        elif fb.kind == "recover" and self.drop_limit is not None and self.total_limit < self.drop_limit:
+            self.total_limit += 1
 
     # ------------------------------------------------------------------ handover
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +127,7 @@ class HostLimiter:
                 "unknown_ages": [now - t for t in self.unknowns],
                 "backoff": self.backoff, "backoff_left": max(0.0, self.backoff_until - now),
                 "rcpt_limit": self.rcpt_limit, "total_limit": self.total_limit,
-                "clean_sessions": self.clean_sessions}
+                "clean_sessions": self.clean_sessions, "drop_limit": self.drop_limit}
 
     def load_dict(self, d: dict[str, Any]) -> None:
         """Take over state from :meth:`to_dict` (learned limits never loosen the profile's)."""
@@ -130,6 +143,8 @@ class HostLimiter:
         self.rcpt_limit = min(self.rcpt_limit, int(d.get("rcpt_limit", self.rcpt_limit)))
         self.total_limit = max(1, min(self.total_limit, int(d.get("total_limit", self.total_limit))))
         self.clean_sessions = int(d.get("clean_sessions", 0))
+        if d.get("drop_limit") is not None:
+            self.drop_limit = max(1, min(self.drop_limit or int(d["drop_limit"]), int(d["drop_limit"])))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], profile: Profile, clock: Callable[[], float]) -> HostLimiter:

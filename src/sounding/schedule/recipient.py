@@ -60,6 +60,8 @@ class Recipient:
     #: the source a greylisted recipient must come back from (same triplet, RFC 6647 §2.1)
     pin: str | None = None
     block_retries: int = 0
+    #: greylist retries made (the schedule of :func:`sounding.retry.greylist_retry_at`)
+    greylist_tries: int = 0
 
     @property
     def rcpt(self) -> str:
@@ -72,7 +74,8 @@ class Recipient:
                 "originals": list(self.originals), "not_before": self.not_before - now,
                 "age": now - self.first_seen,
                 "greylisted_for": None if self.greylisted_since is None else now - self.greylisted_since,
-                "attempts": self.attempts, "pin": self.pin, "block_retries": self.block_retries}
+                "attempts": self.attempts, "pin": self.pin, "block_retries": self.block_retries,
+                "greylist_tries": self.greylist_tries}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], now: float) -> Recipient:
@@ -84,4 +87,5 @@ class Recipient:
         return cls(parse_address(str(d["address"])), kind, [int(i) for i in d.get("indices", [])],
                    [str(o) for o in d.get("originals", [])], now + float(d.get("not_before", 0.0)),
                    now - float(d.get("age", 0.0)), None if g is None else now - float(g),
-                   int(d.get("attempts", 0)), d.get("pin"), int(d.get("block_retries", 0)))
+                   int(d.get("attempts", 0)), d.get("pin"), int(d.get("block_retries", 0)),
+                   int(d.get("greylist_tries", 0)))
