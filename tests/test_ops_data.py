@@ -125,3 +125,36 @@ async def test_migration_counts_the_rcpts_of_sessions_recorded_before(db_url: st
         assert row[0] == 2 and not row[1]
     finally:
         await st.close()
+
+
+async def test_eta_follows_the_recent_rate_and_admits_when_it_cannot_tell(db_url: str) -> None:
+    from sqlalchemy import update
+
+    from sounding.store.models import Job, JobRow
+
+    st = await Store.open(db_url)
+    try:
+        c, _ = await st.create_client("acme")
+        rows = [(i + 2, [f"a{i}@x.example"], f"a{i}@x.example", f"a{i}@x.example", "", None) for i in range(100)]
+        job = await st.create_job(c.id, "l.csv", "csv", ["email"], "email", rows)
+        assert await st.claim("w", 30) is not None
+        now = time.time()
+        async with st.session() as s, s.begin():  # started 10 min ago; 50 rows done, 20 of them in the last 30 s
+            await s.execute(update(Job).where(Job.id == job.id).values(started_at=now - 600))
+        v = {"address": "", "status": "deliverable", "reason": "accepted", "flags": [], "evidence": {}}
+        await st.record(job.id, [(f"a{i}@x.example", v) for i in range(50)])
+        async with st.session() as s, s.begin():
+            await s.execute(update(JobRow).where(JobRow.job_id == job.id, JobRow.idx >= 20, JobRow.idx < 50)
+                            .values(done_at=now - 30))
+            await s.execute(update(JobRow).where(JobRow.job_id == job.id, JobRow.idx < 20)
+                            .values(done_at=now - 300))
+        p = await st.progress(job)
+        assert p.done == 50
+        # 30 done in the last minute -> 50 left take about 100 s (the average since the start would say 600 s)
+        assert p.eta_seconds is not None and 90 <= p.eta_seconds <= 110
+        async with st.session() as s, s.begin():  # nothing finished in the last minute: no estimate
+            await s.execute(update(JobRow).where(JobRow.job_id == job.id, JobRow.done_at.is_not(None))
+                            .values(done_at=now - 120))
+        assert (await st.progress(job)).eta_seconds is None
+    finally:
+        await st.close()

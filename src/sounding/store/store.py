@@ -46,6 +46,7 @@ from .models import (
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 ACTIVE = ("queued", "running")
+ETA_WINDOW = 60.0  # seconds of recent progress a job's ETA is computed from
 
 
 @contextlib.asynccontextmanager
@@ -280,9 +281,17 @@ class Store:
         by_status = {st or "error": n for st, n in rows}
         done = sum(by_status.values())
         eta = None
-        if fresh.state == "running" and fresh.started_at and done and done < fresh.total:
-            elapsed = max(time.time() - fresh.started_at, 0.001)
-            eta = round(elapsed / done * (fresh.total - done), 1)
+        if fresh.state == "running" and fresh.started_at and done < fresh.total:
+            # The rate of the last minute, not the average since the start: a list whose easy
+            # rows are done and whose greylisted or throttled rows wait would otherwise show
+            # "1 s left" for minutes.  Nothing finished lately: no estimate, not a wrong one.
+            now = time.time()
+            window = min(ETA_WINDOW, max(now - fresh.started_at, 0.001))
+            async with self.session() as s:
+                recent = (await s.execute(select(func.count()).select_from(JobRow).where(
+                    JobRow.job_id == job.id, JobRow.done_at >= max(now - window, fresh.started_at)))).scalar_one()
+            if recent:
+                eta = round((fresh.total - done) * window / recent, 1)
         return Progress(fresh, done, by_status, eta if fresh.state in ACTIVE else None)
 
     async def claim(self, owner: str, lease: float) -> Job | None:
