@@ -429,3 +429,23 @@ def test_public_pages_fit_a_phone(browser: Any, site: dict[str, str], shots: Pat
             screenshot(page, shots, name)
     finally:
         page.close()
+
+
+def test_long_results_are_paged(browser: Any, site: dict[str, str]) -> None:  # noqa: F811
+    # syntax errors get their verdict at upload: a 520-row job without a single session
+    job = _submit(site, "long.csv", "email\n" + "\n".join(f"not-an-address-{i}" for i in range(520)) + "\n")
+    _wait_done(site, job)
+    page = browser.new_page()
+    try:
+        _login(page, site["base"], site["client"])
+        page.goto(f"{site['base']}/app/jobs/{job}")
+        assert page.locator("#results tbody tr").count() == 500
+        assert "520 rows; 500 on this page (lines 2–501)" in page.locator("#shown").inner_text()
+        page.get_by_role("link", name="Next 500 rows →").click()
+        rows = page.locator("#results tbody tr")
+        assert rows.count() == 20 and "not-an-address-500" in rows.first.inner_text()
+        assert page.get_by_role("link", name=re.compile("Next")).count() == 0
+        page.get_by_role("link", name="← First rows").click()
+        assert "not-an-address-0" in page.locator("#results tbody tr").first.inner_text()
+    finally:
+        page.close()

@@ -448,6 +448,7 @@ _EVIDENCE = (("mx_host", "Mail server"), ("mx_ip", "Server IP"), ("source_ip", "
              ("detail", "Detail"), ("decided_by", "Decided by"), ("blocklist", "Blocklist"),
              ("transcript_id", "Transcript id"))
 FORMATS = (("csv", "CSV"), ("jsonl", "JSON lines"), ("xlsx", "Excel (.xlsx)"))
+PAGE = 500  # result rows per page
 
 
 def _filters(status: str, reason: str, q: str) -> tuple[str, str, str]:
@@ -458,7 +459,8 @@ def _filters(status: str, reason: str, q: str) -> tuple[str, str, str]:
 
 
 @router.get("/app/jobs/{job_id}", response_class=HTMLResponse)
-async def app_job(request: Request, job_id: str, status: str = "", reason: str = "", q: str = "") -> Response:
+async def app_job(request: Request, job_id: str, status: str = "", reason: str = "", q: str = "",
+                  after: int = -1) -> Response:
     c, job = await _own_job(request, job_id)
     if c is None:
         return RedirectResponse("/app", status_code=303)
@@ -467,15 +469,19 @@ async def app_job(request: Request, job_id: str, status: str = "", reason: str =
     st = _svc(request).store
     prog = (await st.progress(job)).to_dict()
     status, reason, q = _filters(status, reason, q)
-    found, shown = await st.find_rows(job.id, status=status, reason=reason, contains=q, limit=500)
+    after = max(-1, min(after, 2**31 - 1))
+    found, shown = await st.find_rows(job.id, status=status, reason=reason, contains=q, limit=PAGE, after=after)
     rows = [_row_view(r) for r in found]
     query = urlencode({k: v for k, v in (("status", status), ("reason", reason), ("q", q)) if v})
+    base = f"/app/jobs/{job.id}?" + (f"{query}&" if query else "")
+    pages = {"first": base.rstrip("?&") if after >= 0 else "",
+             "next": f"{base}after={found[-1].idx}" if len(found) == PAGE else ""}
     exports = [{"fmt": f, "label": label, "url": f"/app/jobs/{job.id}/results.{f}" + (f"?{query}" if query else "")}
                for f, label in FORMATS]
     status_legend, reason_legend = legend()
     return render(request, "app_job.html", {
         "client": c, "job": prog, "rows": rows, "shown": shown, "status": status, "reason": reason, "q": q,
-        "filtered": bool(query), "chart": chart(prog["by_status"]), "statuses": statuses(),
+        "filtered": bool(query), "pages": pages, "chart": chart(prog["by_status"]), "statuses": statuses(),
         "reasons": [r.value for r in Reason], "exports": exports, "eta": human_seconds(prog["eta_seconds"]),
         "status_legend": status_legend, "reason_legend": reason_legend,
         "active": prog["state"] in ("queued", "running")})

@@ -413,14 +413,15 @@ class Store:
         return cond
 
     async def find_rows(self, job_id: str, *, status: str = "", reason: str = "", contains: str = "",
-                        limit: int = 500) -> tuple[list[JobRow], int]:
+                        limit: int = 500, after: int = -1) -> tuple[list[JobRow], int]:
         """The first ``limit`` rows (input order) with this status (``pending``: no verdict yet),
         this reason and/or an address containing ``contains`` (case-insensitive), and how many
-        match in all — filtered by the database."""
+        match in all — filtered by the database.  ``after``: the page after the row with this index."""
         cond = self._row_filter(job_id, status, reason, contains)
         async with self.session() as s:
             total = (await s.execute(select(func.count()).select_from(JobRow).where(*cond))).scalar_one()
-            rows = list((await s.execute(select(JobRow).where(*cond).order_by(JobRow.idx).limit(limit))).scalars())
+            rows = list((await s.execute(select(JobRow).where(*cond, JobRow.idx > after).order_by(JobRow.idx)
+                                         .limit(limit))).scalars())
         return rows, int(total)
 
     # ------------------------------------------------------------------ domains
