@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import openpyxl
 import pytest
@@ -181,3 +182,35 @@ def test_rows_are_counted_before_the_run(tmp_path: Path) -> None:
     with OpenList(src) as ol:
         assert ol.count() == 1000
         assert sum(1 for _ in ol.reader.rows()) == 1000
+
+
+async def test_the_service_takes_xlsx_uploads_and_refuses_binary_ones(world_sandbox: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from sounding.service import create_app
+
+    from .conftest import sandbox_settings
+
+    book = tmp_path / "list.xlsx"
+    _workbook(book, [["name", "email"], ["Alice", "alice@honest.example"], ["Bob", "nobody0@honest.example"]])
+    app = create_app(sandbox_settings(world_sandbox, db_url=f"sqlite:///{tmp_path / 'x.db'}"))
+    async with app.router.lifespan_context(app):
+        key = (await app.state.store.create_client("acme"))[1]
+        h = {"X-API-Key": key}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            r = await http.post("/v1/jobs", files={"file": ("list.xlsx", book.read_bytes())}, headers=h)
+            assert r.status_code == 202, r.text
+            job = r.json()
+            assert job["total"] == 2
+            for _ in range(300):
+                p = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
+                if p["state"] == "done":
+                    break
+                await asyncio.sleep(0.1)
+            rows = list(csv.DictReader(io.StringIO((await http.get(f"/v1/jobs/{job['id']}/results",
+                                                                    headers=h)).text)))
+            assert [(x["name"], x["status"]) for x in rows] == [("Alice", "deliverable"), ("Bob", "undeliverable")]
+            r = await http.post("/v1/jobs", files={"file": ("x.csv", b"\x89PNG\r\n\x1a\n" + bytes(300))}, headers=h)
+            assert r.status_code == 400 and "PNG image" in r.json()["detail"]

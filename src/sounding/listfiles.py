@@ -14,7 +14,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import InputError
 from .listio import ListReader
@@ -36,14 +36,16 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def sniff_kind(head: bytes, name: str = "", *, path: str | Path | None = None) -> str:
+def sniff_kind(head: bytes, name: str = "", *, path: str | Path | None = None, data: bytes | None = None) -> str:
     """``csv``, ``jsonl`` or ``xlsx`` for a file starting with ``head``; :class:`InputError`
     naming what it looks like when it is not a list we can read."""
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         names: list[str] = []
-        if path is not None:
+        if path is not None or data is not None:
             try:
-                with zipfile.ZipFile(path) as z:
+                import io
+
+                with zipfile.ZipFile(path if path is not None else io.BytesIO(data or b"")) as z:
                     names = z.namelist()
             except (zipfile.BadZipFile, OSError) as exc:
                 raise InputError(f"{name or path} is a damaged ZIP archive: {exc}") from exc
@@ -91,6 +93,49 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def sheet_rows(source: str | Path | IO[bytes], name: str) -> tuple[Any, Iterator[tuple[int, list[str]]]]:
+    """(workbook to close, (row number, cells) of its first sheet) for an ``.xlsx``."""
+    import openpyxl
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        wb = openpyxl.load_workbook(source, read_only=True, data_only=True)
+    except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read the workbook {name}: {exc}") from exc
+    ws = wb.worksheets[0] if wb.worksheets else None
+
+    def gen() -> Iterator[tuple[int, list[str]]]:
+        if ws is None:
+            return
+        for n, values in enumerate(ws.iter_rows(values_only=True), 1):
+            cells = [_cell(v) for v in values]
+            while cells and cells[-1] == "":
+                cells.pop()  # read-only sheets pad rows to the sheet's width
+            yield n, cells
+
+    return wb, gen()
+
+
+def reader_for_upload(data: bytes, name: str, *, column: str | None = None,
+                      fmt: str | None = None) -> tuple[ListReader, Any]:
+    """A reader for an uploaded list held in memory (CSV, JSON lines, ``.xlsx``, UTF-16 text),
+    and what to close after reading; anything else is an :class:`InputError` naming it."""
+    import io
+
+    kind = sniff_kind(data[:8192], name, data=data)
+    if kind == "xlsx":
+        wb, rows = sheet_rows(io.BytesIO(data), name)
+        try:
+            return ListReader(None, fmt="xlsx", column=column, table=rows), wb
+        except BaseException:
+            wb.close()
+            raise
+    text = data.decode(_encoding(data[:4]), errors="replace")
+    if not text.strip():
+        raise InputError("the upload is empty")
+    return ListReader(io.StringIO(text, newline=""), fmt=fmt or kind, column=column), None
+
+
 class OpenList:
     """An input list opened for reading: ``.reader`` streams its rows; close when done."""
 
@@ -120,26 +165,9 @@ class OpenList:
             raise
 
     def _sheet_rows(self) -> Iterator[tuple[int, list[str]]]:
-        import openpyxl
-        from openpyxl.utils.exceptions import InvalidFileException
-
-        try:
-            wb = openpyxl.load_workbook(self.path, read_only=True, data_only=True)
-        except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
-            raise InputError(f"cannot read the workbook {self.path.name}: {exc}") from exc
+        wb, rows = sheet_rows(self.path, self.path.name)
         self._closers.append(wb)
-        ws = wb.worksheets[0] if wb.worksheets else None
-        if ws is None:
-            return iter(())
-
-        def gen() -> Iterator[tuple[int, list[str]]]:
-            for n, values in enumerate(ws.iter_rows(values_only=True), 1):
-                cells = [_cell(v) for v in values]
-                while cells and cells[-1] == "":
-                    cells.pop()  # read-only sheets pad rows to the sheet's width
-                yield n, cells
-
-        return gen()
+        return rows
 
     def count(self) -> int:
         """Rows a fresh reader yields (the progress bar's total), read once to the end."""

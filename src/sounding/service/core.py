@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import re
@@ -27,7 +26,6 @@ from ..courtesy.optout import Assessment, Decision, OptOutPolicy
 from ..dns import txt_strings
 from ..engine import Verifier
 from ..errors import AddressError, DNSFailure, InputError
-from ..listio import ListReader
 from ..settings import Settings
 from ..smtp.classify import Outcome, classify
 from ..smtp.client import SessionResult
@@ -83,13 +81,16 @@ class ParsedUpload:
     problems: int
 
 
-def parse_upload(data: bytes, *, column: str | None = None, fmt: str | None = None) -> ParsedUpload:
-    """Read an uploaded list (CSV or JSON lines).  Unreadable rows and invalid addresses get
-    their verdict now (kept, never dropped); every other row gets the key duplicates share."""
-    text = data.decode("utf-8-sig", errors="replace")
-    if not text.strip():
+def parse_upload(data: bytes, *, column: str | None = None, fmt: str | None = None,
+                 name: str = "the upload") -> ParsedUpload:
+    """Read an uploaded list (CSV, JSON lines or .xlsx; binary files refused).  Unreadable
+    rows and invalid addresses get their verdict now (kept, never dropped); every other row
+    gets the key duplicates share."""
+    from ..listfiles import reader_for_upload
+
+    if not data.strip():
         raise InputError("the upload is empty")
-    reader = ListReader(io.StringIO(text, newline=""), fmt=fmt, column=column)
+    reader, closer = reader_for_upload(data, name, column=column, fmt=fmt)  # CSV, JSON lines, .xlsx
     rows: list[tuple[int, list[str], str, str, str, dict[str, Any] | None]] = []
     problems = 0
     for row in reader.rows():
@@ -106,6 +107,8 @@ def parse_upload(data: bytes, *, column: str | None = None, fmt: str | None = No
             except AddressError as exc:
                 verdict = unparseable(addr, str(exc)).to_dict()
         rows.append((row.line, list(row.cells), addr, key, row.error, verdict))
+    if closer is not None:
+        closer.close()
     if not rows:
         raise InputError("the upload holds no rows")
     return ParsedUpload(reader.fmt, reader.header, reader.column_name or "email", rows, problems)
@@ -324,7 +327,7 @@ class Service:
     async def submit_job(self, client: Client, filename: str, data: bytes, *, column: str | None = None,
                          fmt: str | None = None) -> Job:
         """Store an upload as a job (quota charged for its rows) and wake the worker."""
-        parsed = parse_upload(data, column=column, fmt=fmt)
+        parsed = parse_upload(data, column=column, fmt=fmt, name=filename)
         await self.store.charge(client, len(parsed.rows), self.settings.daily_quota)
         job = await self.store.create_job(client.id, filename, parsed.fmt, parsed.header, parsed.email_column,
                                           parsed.rows)
