@@ -249,6 +249,8 @@ def test_running_job_shows_eta_and_partial_counts(browser: Any, site: dict[str, 
         page.wait_for_function("() => !document.getElementById('eta-box').hidden", timeout=30_000)
         eta = page.locator("#eta").inner_text()
         assert re.fullmatch(r"\d+ (s|min)|\d+ h( \d+ min)?", eta), eta
+        page.wait_for_function("() => document.getElementById('live').textContent !== ''", timeout=10_000)
+        assert re.fullmatch(r"\d+ of 15 rows done(, about .+ left)?", page.locator("#live").text_content() or "")
         title = page.locator("#chart-title").text_content() or ""
         assert re.search(r"deliverable [1-9]", title), title
         screenshot(page, shots, "job-running")
@@ -449,3 +451,48 @@ def test_long_results_are_paged(browser: Any, site: dict[str, str]) -> None:  # 
         assert "not-an-address-0" in page.locator("#results tbody tr").first.inner_text()
     finally:
         page.close()
+
+
+AXE = Path(__file__).resolve().parent / "vendor" / "axe-core" / "axe.min.js"
+
+
+def test_pages_pass_axe_wcag_aa(browser: Any, site: dict[str, str]) -> None:  # noqa: F811
+    """axe-core's WCAG 2 A/AA rules (labels, roles, names, contrast ...) on every page, with the
+    evidence and legend opened; at desktop and phone widths."""
+    job = _submit(site, "axe.csv", LIST)
+    _wait_done(site, job)
+    ctx = browser.new_context(bypass_csp=True)  # axe is injected as a script of the test's own
+    page = ctx.new_page()
+    found: dict[str, list[str]] = {}
+    try:
+        _login(page, site["base"], site["client"])
+        pages = [("home", "/app"), ("job", f"/app/jobs/{job}"), ("policy", "/"), ("opt-out", "/opt-out"),
+                 ("lookup", "/lookup?q=honest.example")]
+        for name, path in pages:
+            page.goto(site["base"] + path)
+            if name == "job":
+                page.locator("#results tbody tr").first.get_by_text("Show").click()
+                page.locator("#legend details").evaluate("d => d.open = true")
+            for label, width in WIDTHS:
+                page.set_viewport_size({"width": width, "height": 900})
+                page.add_script_tag(path=str(AXE))
+                res = page.evaluate("""async () => {
+                    const r = await axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}});
+                    return r.violations.map(v => v.id + ' (' + v.impact + '): ' +
+                        v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', '));
+                }""")
+                if res:
+                    found[f"{name}@{label}"] = res
+        httpx.post(site["base"] + "/v1/exemptions", headers={"X-API-Key": site["operator"]},
+                   json={"value": "a-rather-long-domain-name-for-the-table.example", "note": "axe"})
+        _login(page, site["base"], site["operator"], "/ops")
+        for label, width in WIDTHS:
+            page.set_viewport_size({"width": width, "height": 900})
+            page.add_script_tag(path=str(AXE))
+            res = page.evaluate("""async () => (await axe.run(document, {runOnly: {type: 'tag',
+                values: ['wcag2a', 'wcag2aa']}})).violations.map(v => v.id + ': ' + v.nodes[0].target.join(' '))""")
+            if res:
+                found[f"ops@{label}"] = res
+    finally:
+        ctx.close()
+    assert found == {}, json.dumps(found, indent=1)

@@ -20,6 +20,14 @@
     });
     text("chart-title", "Status breakdown: " + summary.join(", "));
   }
+  var announced = -1;
+  function announce(p) {  // for screen readers: every quarter of the way, not every poll
+    var quarter = Math.floor(p.percent / 25);
+    if (quarter !== announced) {
+      announced = quarter;
+      text("live", p.done + " of " + p.total + " rows done" + (p.eta_text ? ", about " + p.eta_text + " left" : ""));
+    }
+  }
   function tick() {
     fetch("/app/jobs/" + id + "/progress.json", {credentials: "same-origin"})
       .then(function (r) { return r.ok ? r.json() : null; })
@@ -37,6 +45,7 @@
         document.getElementById("eta-wait").hidden = !!p.eta_text;
         text("eta", p.eta_text || "");
         if (p.chart) { bars(p.chart); }
+        announce(p);
         if (p.state !== "queued" && p.state !== "running") {
           window.location.reload();
           return;
