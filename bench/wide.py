@@ -155,7 +155,9 @@ async def _run_sounding(addrs: list[str], args: argparse.Namespace) -> dict[str,
     s = load_settings(env={}, helo=HELO, mail_from=SENDER, nameservers=f"{args.dns_ip}:{args.dns_port}",
                       smtp_port=args.smtp_port, allow_private_mx=True, **extra)
     v = Verifier(s)
-    return {x.address: x.status.value async for x in v.verify_many(addrs)}
+    got = {x.address: x.status.value async for x in v.verify_many(addrs)}
+    args.capacity = v.capacity_report()
+    return got
 
 
 def _client(args: argparse.Namespace) -> None:
@@ -190,7 +192,8 @@ def _client(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof is not None:
         prof.dump_stats(args.profile)
-    Path(args.out).write_text(json.dumps({"wall": wall, "cpu": cpu, "started": started, "status": got}))
+    Path(args.out).write_text(json.dumps({"wall": wall, "cpu": cpu, "started": started, "status": got,
+                                          "capacity": getattr(args, "capacity", None)}))
 
 
 # --------------------------------------------------------------------------- measuring
@@ -238,6 +241,8 @@ def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[s
          "statuses": dict(Counter(res["status"].values()))}
     r.update(_conduct(records, n))
     r.update(_timeline(records, res["started"]))
+    if res.get("capacity"):
+        r["capacity"] = res["capacity"]
     return r
 
 
@@ -327,6 +332,11 @@ def _inside(args: argparse.Namespace) -> None:
                       f"(goal <= 2.5x); {s['cpu_s_per_1000']:.2f} CPU s per 1,000 addresses, "
                       f"peak {s['peak_mem_mb']:.0f} MB, {s['sessions_per_addr']:.3f} sessions/address, "
                       f"at most {s['max_sessions_per_host']} sessions per host")
+                if s.get("capacity"):
+                    c = s["capacity"]
+                    print(f"  global session cap: {'fixed' if c['fixed'] else 'adaptive'}, ceiling {c['ceiling']}, "
+                          f"went {c['lowest']}-{c['highest']}, ended at {c['cap']}; "
+                          f"at most {c['peak_sessions']} sessions at once")
             if ("sounding", "asyncio") in by and ("sounding", "uvloop") in by:
                 a, u = by[("sounding", "asyncio")], by[("sounding", "uvloop")]
                 print(f"Sounding with uvloop: {a['wall_s'] / u['wall_s']:.2f}x the speed of asyncio's loop, "

@@ -41,7 +41,8 @@ PrivOpt = Annotated[bool, typer.Option("--allow-private-mx",
                                        help="Allow MX addresses in private/loopback ranges (sandbox only).")]
 WaitOpt = Annotated[float | None, typer.Option("--max-wait", metavar="SECONDS",
                                               help="Seconds a verdict may stay pending.")]
-ConcOpt = Annotated[int | None, typer.Option("--concurrency", metavar="N", help="Sessions in flight overall.")]
+ConcOpt = Annotated[int | None, typer.Option("--concurrency", metavar="N", help=(
+    "Sessions in flight overall (default 0: adapted to CPU and open-file limit)."))]
 CfgOpt = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML settings file.")]
 StateOpt = Annotated[Path | None, typer.Option(
     "--state-dir", metavar="DIR", help="Where reputation, opt-outs and canaries are kept (default: the data dir).")]

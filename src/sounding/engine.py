@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from .schedule import (
     Start,
     decide,
 )
+from .schedule.capacity import SessionCap, dns_share, session_ceiling
 from .settings import Settings
 from .smtp.client import Opener, SessionResult
 from .verdict import Reason, Status, Verdict, from_dns, unknown, unparseable
@@ -59,6 +61,56 @@ __all__ = ["FLUSH", "ConductStats", "Verifier"]
 #: Yielded by an open-ended feed when it has nothing more for the moment: the verifier then
 #: starts what it has read instead of waiting to batch more (see service.dispatch).
 FLUSH: Any = type("Flush", (str,), {"__repr__": lambda self: "FLUSH"})("")
+
+
+class _Gate:
+    """The global session cap as an asyncio gate whose size may change while sessions wait
+    (the cap itself is decided by :class:`~sounding.schedule.capacity.SessionCap`)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.in_use = 0
+        self.peak = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Take a place (first come, first served)."""
+        if self.in_use < self.cap and not self._waiters:
+            self._take()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # a place was handed over as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Give a place back."""
+        self.in_use -= 1
+        self._wake()
+
+    def resize(self, cap: int) -> None:
+        """A new cap: waiters go in if it grew; if it shrank, places are not taken back,
+        only not given again until ``in_use`` is under it."""
+        self.cap = cap
+        self._wake()
+
+    def _take(self) -> None:
+        self.in_use += 1
+        self.peak = max(self.peak, self.in_use)
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use < self.cap:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._take()
+                fut.set_result(None)
 
 
 class _Group:
@@ -80,12 +132,21 @@ class Verifier:
                  on_session: Callable[[SessionResult], None] | None = None,
                  pool: SourcePool | None = None, profiles: ProfileSet | None = None,
                  exemptions: ExemptionRegistry | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 fd_limit: int | None = None, cpus: int | None = None,
+                 capacity: SessionCap | None = None) -> None:
         self.settings = settings or Settings()
         self.settings.validate()
         s = self.settings
+        fds = fd_limit if fd_limit is not None else _fd_limit()
+        dns_slots = dns_share(fds)
         self.resolver = resolver or MxResolver(
-            list(s.nameservers) or None, timeout=s.dns_timeout, allow_private=s.allow_private_mx)
+            list(s.nameservers) or None, timeout=s.dns_timeout, allow_private=s.allow_private_mx,
+            max_queries=dns_slots)
+        #: the global session cap: fixed by ``Settings.concurrency``, else adapted to the event
+        #: loop's lag under a ceiling set by file descriptors and CPUs (schedule.capacity)
+        ceiling = session_ceiling(fds, cpus if cpus is not None else _cpus(), dns_queries=dns_slots)
+        self.capacity = capacity or SessionCap(ceiling, cap=s.concurrency or 200, fixed=bool(s.concurrency))
         self.opener = opener
         self.clock = clock
         self.rng = rng or random.SystemRandom()
@@ -118,7 +179,7 @@ class Verifier:
         self.domains = DomainBook(s.catch_all_ttl, clock, probe_postmaster=s.probe_postmaster, rng=self.rng)
         #: accepted recipients waiting for their domain's catch-all finding
         self._ca_waiters: dict[str, asyncio.Future[None]] = {}
-        self._global = asyncio.Semaphore(s.concurrency)
+        self._global = _Gate(self.capacity.cap)
         self._out: asyncio.Queue[Verdict] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
@@ -139,6 +200,7 @@ class Verifier:
             await self.exemptions.refresh()  # an unreadable registry stops us: opt-outs are a promise
         await self.self_check()
         checker = asyncio.create_task(self._recheck_loop())
+        lag = asyncio.create_task(self._lag_loop())
         window = asyncio.Semaphore(self.settings.window)
         state = {"read": 0, "emitted": 0, "done": False}
         reader = asyncio.create_task(self._read(addresses, window, state))
@@ -168,10 +230,11 @@ class Verifier:
         finally:
             reader.cancel()
             checker.cancel()
+            lag.cancel()
             for t in list(self._tasks):
                 t.cancel()
             with contextlib.suppress(BaseException):
-                await asyncio.gather(reader, checker, *self._tasks, return_exceptions=True)
+                await asyncio.gather(reader, checker, lag, *self._tasks, return_exceptions=True)
             self._tasks.clear()
             self._groups.clear()
             self._ca_waiters.clear()
@@ -184,6 +247,12 @@ class Verifier:
         self._draining = True
         for g in self._groups.values():
             g.wake.set()
+
+    def capacity_report(self) -> dict[str, Any]:
+        """The global session cap: its ceiling, where it went, and the most sessions held at once."""
+        c = self.capacity
+        return {"fixed": c.fixed, "ceiling": c.ceiling, "cap": c.cap, "lowest": c.lowest, "highest": c.highest,
+                "peak_sessions": self._global.peak}
 
     def holds(self) -> list[tuple[str, float, str]]:
         """Receivers whose waiting recipients are held back by our own courtesy, with nothing
@@ -227,6 +296,19 @@ class Verifier:
                 found.append(text)
         self.stats.listed_sources = sum(1 for x in self.pool.sources if x.key in self.pool.listed)
         return found
+
+    async def _lag_loop(self, interval: float = 0.05) -> None:
+        """Sample the event loop's lag (how late a timer fires) and the process's CPU use, and
+        adapt the session cap (schedule.capacity.SessionCap)."""
+        if self.capacity.fixed:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            t, cpu = loop.time(), time.process_time()
+            await asyncio.sleep(interval)
+            took = loop.time() - t
+            share = (time.process_time() - cpu) / took if took > 0 else 0.0
+            self._global.resize(self.capacity.observe(took - interval, self._global.in_use, share))
 
     async def _recheck_loop(self) -> None:
         while True:
@@ -438,8 +520,11 @@ class Verifier:
         q = g.q
         unknowns = 0
         try:
-            async with self._global:
+            await self._global.acquire()
+            try:
                 res = await self.prober.run(q.mx, act.chunk, act.reserve, act.source)
+            finally:
+                self._global.release()
             now = self.clock()
             a = absorb(act.chunk, res, receiver=q.receiver, source=act.source.key, domains=self.domains,
                        pool=self.pool, stats=self.stats, settings=self.settings, now=now,
@@ -457,3 +542,22 @@ class Verifier:
             lim.finish(act.reserve, unknowns)
             q.running -= 1
             g.wake.set()
+
+
+def _fd_limit() -> int:
+    """This process's soft limit on open files (RLIMIT_NOFILE); 1024 where unknown."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY and soft > 0 else 65536
+
+
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

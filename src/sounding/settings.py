@@ -39,8 +39,9 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     #: Longest time a verdict may stay pending (greylisting, backoff) before it is unknown.
     max_wait: float = 600.0
-    #: Sessions in flight over all hosts.
-    concurrency: int = 200
+    #: Sessions in flight over all hosts; 0 (the default): adapted to the event loop's lag
+    #: under a ceiling set by the file-descriptor limit and the CPUs (schedule.capacity).
+    concurrency: int = 0
     #: Sessions in flight per MX host (DESIGN: few per host).
     per_host_sessions: int = 2
     #: RCPTs per session (client addresses; postmaster and the catch-all probe come on top).
@@ -148,8 +149,10 @@ class Settings:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for impossible values."""
-        if self.concurrency < 1 or self.per_host_sessions < 1 or self.rcpts_per_session < 1:
-            raise ConfigError("concurrency, per_host_sessions and rcpts_per_session must be >= 1")
+        if self.concurrency < 0:
+            raise ConfigError("concurrency must be >= 0 (0: adapt to CPU and file descriptors)")
+        if self.per_host_sessions < 1 or self.rcpts_per_session < 1:
+            raise ConfigError("per_host_sessions and rcpts_per_session must be >= 1")
         if not 0 < self.smtp_port < 65536:
             raise ConfigError(f"invalid SMTP port {self.smtp_port}")
         check_helo(self.helo)
