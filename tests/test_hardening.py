@@ -5,9 +5,11 @@ sandbox's real DNS server and real SQLite/PostgreSQL stores."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -361,3 +363,163 @@ async def test_lookup_is_paged_and_rate_limited(provider_site: dict[str, Any]) -
     assert r.text.count('class="session"') == 20 and "QUIT </code> → 221" in r.text
     codes = [(await _lookup(http, "192.0.2.7")).status_code for _ in range(30)]
     assert 429 in codes and codes[0] == 200
+
+
+# ----------------------------------------------------------------------------- uploads
+def _rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.fixture
+async def upload_site(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    sb = await start_world(_provider_world())
+    db = f"sqlite:///{tmp_path / 'site.db'}"
+    small, big = (await asyncio.to_thread(add_client, db, "Small", "--quota", "1000"),
+                  await asyncio.to_thread(add_client, db, "Big", "--quota", "5000000"))
+    port = free_port()
+    proc = await asyncio.to_thread(start_serve, {"ns": f"{sb.nameserver[0]}:{sb.nameserver[1]}",
+                                                 "port": str(sb.smtp_port)}, db, port,
+                                   {"SOUNDING_STATE_DIR": str(tmp_path / "state"), "SOUNDING_MAX_WAIT": "20",
+                                    "SOUNDING_MAX_UPLOAD_BYTES": str(50 * 1024 * 1024)})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            yield {"http": http, "sb": sb, "small": small, "big": big, "db": db, "pid": proc.pid,
+                   "dir": tmp_path}
+    finally:
+        await asyncio.to_thread(stop_process, proc)
+        await sb.stop()
+
+
+def _big_list(path: Path, size: int) -> int:
+    rows = 0
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("email,name\n")
+        written = 11
+        while written < size:
+            line = f"person{rows}@customer{rows % 6}.example,Person {rows}\n"
+            fh.write(line)
+            written += len(line)
+            rows += 1
+    return rows
+
+
+async def _probe_latency(http: httpx.AsyncClient, key: str, stop: asyncio.Event) -> list[float]:
+    """/v1/verify (a cached verdict: the API path itself) every 50 ms until ``stop``."""
+    lat: list[float] = []
+    while not stop.is_set():
+        t = time.perf_counter()
+        r = await http.post("/v1/verify", json={"email": "alice@own.example"}, headers={"X-API-Key": key})
+        lat.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.05)
+    return lat
+
+
+async def test_50_mb_uploads_are_refused_early_and_nobody_waits_behind_them(upload_site: dict[str, Any]) -> None:
+    site, http = upload_site, upload_site["http"]
+    assert (await http.post("/v1/verify", json={"email": "alice@own.example"},
+                            headers={"X-API-Key": site["big"]})).status_code == 200
+    big = site["dir"] / "big.csv"
+    rows = await asyncio.to_thread(_big_list, big, 50 * 1024 * 1024 - 4096)
+    assert rows > 1_000_000
+
+    async def timed(coro: Any) -> tuple[httpx.Response, float]:
+        t = time.perf_counter()
+        r = await coro
+        return r, time.perf_counter() - t
+
+    async def upload(key: str, body: Any, **kw: Any) -> httpx.Response:
+        return await http.post("/v1/jobs", headers={"X-API-Key": key}, files={"file": ("big.csv", body)}, **kw)
+
+    stop = asyncio.Event()
+    probe = asyncio.create_task(_probe_latency(http, site["big"], stop))
+    try:
+        # 1. over the small client's quota: refused once 1,001 rows are counted, the rest never parsed
+        with big.open("rb") as fh:
+            r, quota_s = await timed(upload(site["small"], fh))
+        assert r.status_code == 429 and "rest of it was not read" in r.json()["detail"], r.text
+        # 2. a Content-Length over the limit: 413 before the body is read (headers only are sent)
+        port = int(str(http.base_url).rsplit(":", 1)[1].strip("/"))
+        head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {site['big']}\r\n"
+                f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {60 << 20}\r\n\r\n")
+        t = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head.encode())
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        early_s = time.perf_counter() - t
+        writer.close()
+        assert b" 413 " in status_line and early_s < 1.0, (status_line, early_s)
+
+        # 3. no Content-Length (chunked): refused as soon as the limit is passed while reading
+        t = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {site['big']}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=xyz\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      ).encode())
+        part = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="c.csv"\r\n\r\nemail\n'
+        chunk = b"a@customer1.example\n" * 3276
+        sent = 0
+        answer = asyncio.create_task(reader.readline())
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            while not answer.done() and sent < (80 << 20):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                await writer.drain()
+        status_line = await asyncio.wait_for(answer, 10)
+        chunked_s = time.perf_counter() - t
+        writer.close()
+        assert b" 413 " in status_line and sent < (60 << 20), (status_line, sent)
+        # 4. within the quota: parsed in a worker thread, stored in batches (10 MB here, to keep the test short)
+        medium = site["dir"] / "medium.csv"
+        n = await asyncio.to_thread(_big_list, medium, 10 * 1024 * 1024)
+        with medium.open("rb") as fh:
+            r, accept_s = await timed(upload(site["big"], fh))
+        assert r.status_code == 202 and r.json()["total"] == n, r.text
+    finally:
+        stop.set()
+        lat = await probe
+    peak = _rss_peak_mb(site["pid"])
+    print(f"\nupload figures: quota refusal {quota_s:.2f} s, Content-Length 413 {early_s * 1000:.0f} ms, "
+          f"chunked 413 {chunked_s:.2f} s, accepted 10 MB ({n} rows) {accept_s:.1f} s; "
+          f"/v1/verify during uploads: n={len(lat)} max {max(lat):.3f} s "
+          f"p50 {sorted(lat)[len(lat) // 2]:.3f} s; serve peak RSS {peak:.0f} MB")
+    assert len(lat) > 10 and max(lat) < 2.0, sorted(lat)[-5:]
+    assert peak < 200, peak
+
+
+async def test_deeply_nested_json_row_is_an_error_row(upload_site: dict[str, Any], sandbox_proc: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    nested = '{"email": "bob@own.example", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge = '{"email": "carol@own.example", "x": "' + "y" * (2 << 20) + '"}'
+    text = "\n".join(['{"email": "alice@own.example"}', nested, huge, '{"email": "dave@own.example"}']) + "\n"
+    site, http = upload_site, upload_site["http"]
+    r = await http.post("/v1/jobs", headers={"X-API-Key": site["big"]},
+                        files={"file": ("l.jsonl", text.encode())})
+    assert r.status_code == 202, r.text
+    jid = r.json()["id"]
+    for _ in range(300):
+        job = (await http.get(f"/v1/jobs/{jid}", headers={"X-API-Key": site["big"]})).json()
+        if job["state"] == "done":
+            break
+        await asyncio.sleep(0.1)
+    assert job["state"] == "done" and job["total"] == 4, job
+    out = (await http.get(f"/v1/jobs/{jid}/results", params={"format": "jsonl"},
+                          headers={"X-API-Key": site["big"]})).text.splitlines()
+    import json as _json
+
+    got = [_json.loads(x) for x in out]
+    assert [g["verdict"]["status"] for g in got] == ["deliverable", "error", "error", "undeliverable"], got
+    assert "nested too deeply" in got[1]["error"] and "longer than" in got[2]["error"]
+
+    # the command line: an error row too, and a complete output file
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(text.replace("own.example", "honest.example"), "utf-8")
+    res = await asyncio.to_thread(_cli, "verify-list", str(src), "-o", str(dst), "--nameserver", sandbox_proc["ns"],
+                                  "--smtp-port", sandbox_proc["port"], "--allow-private-mx")
+    assert res.returncode in (0, 1), res.stderr[-2000:]
+    lines = [_json.loads(x) for x in dst.read_text("utf-8").splitlines()]
+    assert len(lines) == 4 and lines[1]["verdict"]["status"] == "error", lines

@@ -68,6 +68,28 @@ class Row:
         return None if self.problem is None else self.problem.verdict(self.address)
 
 
+#: A JSON-lines row longer than this is an ``error`` row, not parsed (bounded memory and time).
+MAX_JSON_ROW = 1 << 20
+
+
+def load_json_object(text: str) -> dict[str, Any]:
+    """One JSON-lines row as an object; ValueError for anything else — including rows nested
+    too deeply for the parser (``[[[[...`` 100,000 levels) or longer than :data:`MAX_JSON_ROW`."""
+    if len(text) > MAX_JSON_ROW:
+        raise ValueError(f"row longer than {MAX_JSON_ROW} characters")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
+def _clip(text: str, n: int = 2000) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
 def _clean_lines(fh: IO[str]) -> Iterator[str]:
     # NUL would stop the csv module: carry it through as a private-use character and turn it
     # back into NUL in the cells, where the address parser refuses it like any control.
@@ -256,8 +278,7 @@ class ListReader:
                 undecodable += 1
                 continue
             try:
-                if not isinstance(json.loads(line), dict):
-                    raise ValueError("not a JSON object")
+                load_json_object(line)
             except ValueError as exc:
                 bad += 1
                 first_error = first_error or str(exc)
@@ -356,12 +377,10 @@ class ListReader:
                 continue
             text = line.rstrip("\r\n")
             try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
+                obj = load_json_object(line)
             except ValueError as exc:
                 self.problems += 1
-                yield Row.failed(n, [text], Reason.UNREADABLE_ROW, f"unreadable JSON line: {exc}")
+                yield Row.failed(n, [_clip(text)], Reason.UNREADABLE_ROW, f"unreadable JSON line: {exc}")
                 continue
             if key is None:
                 key = next((k for k in obj if str(k).lower() in _HEADER_NAMES), None) or next(
@@ -460,7 +479,7 @@ class ResultWriter:
             return
         if self.jsonl_input and row.cells:
             try:
-                base: dict[str, Any] = json.loads(row.cells[0])
+                base: dict[str, Any] = load_json_object(row.cells[0])
             except ValueError:
                 base = {"input": row.cells[0]}
         elif self.header:

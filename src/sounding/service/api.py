@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -28,6 +28,7 @@ from ..store import QuotaExceeded, Store
 from ..store.models import Client, Job
 from ..verdict import Evidence, Reason, Status, Verdict
 from .core import Service
+from .uploads import BadUpload, TooLarge, UploadLimit, receive_upload
 
 PROBLEM = "application/problem+json"
 
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None, 
                               "QUIT — never a message.",
                   docs_url=None, redoc_url=None)  # served below from bundled assets, not a CDN
     app.state.settings = s
+    app.add_middleware(UploadLimit, limit=lambda: s.max_upload_bytes)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -261,19 +263,6 @@ def verdict_out(v: Verdict, cached: bool = False) -> dict[str, Any]:
     return d
 
 
-async def read_limited(upload: UploadFile, limit: int) -> bytes:
-    """The upload's bytes, refusing (413) beyond ``limit`` without reading it all."""
-    buf = io.BytesIO()
-    while True:
-        chunk = await upload.read(1 << 16)
-        if not chunk:
-            break
-        buf.write(chunk)
-        if buf.tell() > limit:
-            raise Problem(413, "Upload too large", f"the limit is {limit} bytes")
-    return buf.getvalue()
-
-
 EXPORT_MEDIA = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson",
                 "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}
 
@@ -352,18 +341,29 @@ def _api_router() -> Any:
         return verdict_out(v, cached)
 
     @r.post("/jobs", response_model=JobOut, status_code=202, responses=_problems(400, 401, 413, 422, 429),
-            summary="Upload a list (CSV with any columns, or JSON lines)")
-    async def create_job(request: Request, c: ClientDep,
-                         file: Annotated[UploadFile, File(description="CSV or JSON-lines list.")],
-                         column: Annotated[str | None, Form(max_length=200)] = None) -> dict[str, Any]:
+            summary="Upload a list (CSV with any columns, or JSON lines)", openapi_extra=_UPLOAD_BODY)
+    async def create_job(request: Request, c: ClientDep) -> dict[str, Any]:
+        """The body is streamed (never held in memory) and parsed in a worker thread; a list
+        larger than the limit is refused while it arrives (413), one with more rows than the
+        day's quota before it is parsed (429)."""
         service = svc(request)
-        data = await read_limited(file, service.settings.max_upload_bytes)
         try:
-            job = await service.submit_job(c, (file.filename or "upload")[:300], data, column=column)
+            up = await receive_upload(request, service.settings.max_upload_bytes)
+        except TooLarge as exc:
+            raise Problem(413, "Upload too large", f"the limit is {exc.limit} bytes") from exc
+        except BadUpload as exc:
+            raise Problem(422, "Invalid request", str(exc)) from exc
+        try:
+            column = up.fields.get("column") or None
+            if column is not None and len(column) > 200:
+                raise Problem(422, "Invalid request", "column: at most 200 characters")
+            job = await service.submit_upload(c, up, column=column)
         except QuotaExceeded as exc:
             raise Problem(429, "Quota exceeded", str(exc)) from exc
         except (InputError, SoundingError) as exc:
             raise Problem(400, "Unreadable list", str(exc)) from exc
+        finally:
+            up.discard()
         return (await service.store.progress(job)).to_dict()
 
     @r.get("/jobs", response_model=JobList, responses=err, summary="Your jobs, newest first")
@@ -444,6 +444,13 @@ _PROBLEM_SCHEMA = {"type": "object", "required": ["title", "status"], "propertie
 _TITLES = {400: "unreadable input", 401: "missing or unknown API key", 403: "operators only",
            404: "not found (or another client's)", 413: "upload too large", 422: "invalid request",
            429: "quota exceeded"}
+
+
+_UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "CSV or JSON-lines list."},
+        "column": {"type": "string", "maxLength": 200,
+                   "description": "The e-mail column's header (default: found by name or content)."}}}}}}}
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:

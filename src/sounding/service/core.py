@@ -29,12 +29,14 @@ from ..errors import AddressError, DNSFailure, InputError
 from ..settings import Settings
 from ..smtp.classify import Outcome, classify
 from ..smtp.client import SessionResult
-from ..store import Store
+from ..store import QuotaExceeded, Store
 from ..store.models import Client, ExemptionRow, Job
 from ..store.registry import as_exemption
+from ..uploadparse import OverCap, ParsedMeta, rows_from_process
 from ..verdict import Evidence, Reason, Status, Verdict, unparseable
 from .dispatch import Dispatcher
 from .transcripts import mask_line, pair_commands, rcpt_domain
+from .uploads import Spooled
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +333,36 @@ class Service:
         await self.store.charge(client, len(parsed.rows), self.settings.daily_quota)
         job = await self.store.create_job(client.id, filename, parsed.fmt, parsed.header, parsed.email_column,
                                           parsed.rows)
+        self._wake.set()
+        return job
+
+    async def submit_upload(self, client: Client, upload: Spooled, *, column: str | None = None,
+                            fmt: str | None = None) -> Job:
+        """Store a streamed upload as a job: rows counted against the quota first (the count
+        stops at the first row past it), then parsed in a worker process and stored in batches;
+        the quota is charged for the rows stored. QuotaExceeded / InputError refuse it."""
+        left = await self.store.quota_left(client, self.settings.daily_quota)
+        # lines bound rows from above: when they fit, no count is needed
+        cap = left + 1 if upload.lines > left else None
+        jid = await self.store.begin_upload(client.id, upload.filename)
+        meta = ParsedMeta()
+        total = 0
+        try:
+            async for batch in rows_from_process(upload.path, column=column, fmt=fmt, cap=cap, meta=meta):
+                total += await self.store.add_upload_rows(jid, total, batch)
+            if not total:
+                raise InputError("the upload holds no rows")
+            await self.store.charge(client, total, self.settings.daily_quota)
+            job = await self.store.finish_upload(jid, meta.fmt, meta.header, meta.email_column)
+        except OverCap as exc:
+            with contextlib.suppress(Exception):
+                await self.store.discard_upload(jid)
+            raise QuotaExceeded(f"the list has more rows than the {left} addresses left of your daily quota "
+                                f"today (counted to {exc.rows}); the rest of it was not read") from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.discard_upload(jid)
+            raise
         self._wake.set()
         return job
 

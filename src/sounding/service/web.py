@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -32,9 +32,10 @@ from ..settings import default_state_dir
 from ..store import QuotaExceeded
 from ..store.models import Client, Job, JobRow
 from ..verdict import Reason
-from .api import EXPORT_MEDIA, export_response, read_limited
+from .api import EXPORT_MEDIA, export_response
 from .core import Service
 from .transcripts import mask_local_parts, pair_commands, parse_stored
+from .uploads import BadUpload, TooLarge, receive_upload
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -356,23 +357,28 @@ async def logout(request: Request, csrf: Annotated[str, Form(max_length=200)] = 
 
 
 @router.post("/app/upload", response_class=HTMLResponse)
-async def app_upload(request: Request, file: Annotated[UploadFile, File()],
-                     csrf: Annotated[str, Form(max_length=200)] = "") -> Response:
+async def app_upload(request: Request) -> Response:
+    """The dashboard's upload: streamed and parsed off the event loop like the API's."""
     c = await _client(request)
     if c is None:
         return RedirectResponse("/app", status_code=303)
     svc = _svc(request)
-    if not _csrf_ok(request, csrf):
-        return await _home(request, c, "The form expired; please upload again.", 400)
     try:
-        data = await read_limited(file, svc.settings.max_upload_bytes)
-        job = await svc.submit_job(c, (file.filename or "upload")[:300], data)
+        up = await receive_upload(request, svc.settings.max_upload_bytes)
+    except TooLarge as exc:
+        return await _home(request, c, f"That list is too large: {exc}.", 413)
+    except BadUpload as exc:
+        return await _home(request, c, f"That upload cannot be read: {exc}", 400)
+    try:
+        if not _csrf_ok(request, up.fields.get("csrf", "")[:200]):
+            return await _home(request, c, "The form expired; please upload again.", 400)
+        job = await svc.submit_upload(c, up)
     except QuotaExceeded as exc:
         return await _home(request, c, str(exc), 429)
     except SoundingError as exc:
         return await _home(request, c, f"That list cannot be read: {exc}", 400)
-    except Exception as exc:  # the API's Problem (too large) and friends
-        return await _home(request, c, str(exc), 413)
+    finally:
+        up.discard()
     return RedirectResponse(f"/app/jobs/{job.id}", status_code=303)
 
 

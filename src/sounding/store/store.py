@@ -8,6 +8,7 @@ verdict can never be stored twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -128,6 +129,21 @@ class Store:
         self.engine = engine
         self.session = async_sessionmaker(engine, expire_on_commit=False)
         self.dialect = engine.dialect.name
+        # SQLite has one writer at a time and its busy handler polls with growing sleeps, so a
+        # stream of short write transactions (an upload's batches) can starve a waiting writer
+        # (a /v1/verify's quota charge) for seconds. Writers of this process queue here in
+        # order instead; PostgreSQL locks rows and needs no such gate.
+        self._gate = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A session in a write transaction (behind the SQLite writers' queue)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._gate is not None:
+                await stack.enter_async_context(self._gate)
+            s = await stack.enter_async_context(self.session())
+            await stack.enter_async_context(s.begin())
+            yield s
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -185,7 +201,7 @@ class Store:
         key = "sk_" + secrets.token_urlsafe(32)
         c = Client(name=name[:200], key_prefix=key[:10], key_hash=hash_key(key), operator=operator,
                    daily_quota=daily_quota, created_at=time.time())
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             s.add(c)
         return c, key
 
@@ -211,7 +227,7 @@ class Store:
         """Count ``n`` addresses against today's quota; raise :class:`QuotaExceeded` if over."""
         quota = client.daily_quota if client.daily_quota is not None else default_quota
         day = today()
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             ins = self._insert(Usage).values(client_id=client.id, day=day, addresses=0)
             await s.execute(ins.on_conflict_do_nothing(index_elements=["client_id", "day"]))
             used = (await s.execute(select(Usage.addresses).where(
@@ -229,34 +245,69 @@ class Store:
         """Write a job and all its rows, then mark it queued (never runnable half-written).
 
         ``rows``: (line, cells, address, key, read_error, immediate verdict dict or None)."""
-        jid = uuid.uuid4().hex
-        now = time.time()
+        jid = await self.begin_upload(client_id, filename)
         total = 0
-        keys: set[str] = set()
-        async with self.session() as s, s.begin():
-            s.add(Job(id=jid, client_id=client_id, state="uploading", filename=filename[:300], fmt=fmt,
-                      header=header, email_column=email_column, created_at=now, counts={}))
-            await s.flush()
-            batch: list[dict[str, Any]] = []
-            for line, cells, address, key, error, verdict in rows:
-                batch.append({"job_id": jid, "idx": total, "line": line, "cells": cells,
-                              "address": address[:1000], "key": key[:1000], "read_error": error,
-                              "status": verdict["status"] if verdict else None,
-                              "reason": verdict["reason"] if verdict else None,
-                              "result": verdict, "done_at": now if verdict else None})
-                if not verdict:
-                    keys.add(key)
-                total += 1
-                if len(batch) >= 2000:
-                    await s.execute(self._insert(JobRow), batch)
-                    batch = []
-            if batch:
-                await s.execute(self._insert(JobRow), batch)
-            await s.execute(update(Job).where(Job.id == jid).values(
-                state="queued", total=total, unique_addresses=len(keys)))
-        job = await self.job(jid)
+        batch: list[tuple[int, list[str], str, str, str, dict[str, Any] | None]] = []
+        for r in rows:
+            batch.append(r)
+            if len(batch) >= 2000:
+                total += await self.add_upload_rows(jid, total, batch)
+                batch = []
+        total += await self.add_upload_rows(jid, total, batch)
+        return await self.finish_upload(jid, fmt, header, email_column)
+
+    async def begin_upload(self, client_id: int, filename: str) -> str:
+        """A job in state ``uploading``: invisible and never run until :meth:`finish_upload`."""
+        jid = uuid.uuid4().hex
+        async with self._writing() as s:
+            s.add(Job(id=jid, client_id=client_id, state="uploading", filename=filename[:300], fmt="csv",
+                      header=None, email_column="email", created_at=time.time(), counts={}))
+        return jid
+
+    async def add_upload_rows(self, job_id: str, first_idx: int,
+                              rows: Sequence[tuple[int, list[str], str, str, str, dict[str, Any] | None]]) -> int:
+        """Store a batch of an uploading job's rows (one short transaction, so that other
+        writers never wait long behind an upload); returns how many."""
+        if not rows:
+            return 0
+        now = time.time()
+        batch = [{"job_id": job_id, "idx": first_idx + i, "line": line, "cells": cells,
+                  "address": address[:1000], "key": key[:1000], "read_error": error,
+                  "status": verdict["status"] if verdict else None,
+                  "reason": verdict["reason"] if verdict else None,
+                  "result": verdict, "done_at": now if verdict else None}
+                 for i, (line, cells, address, key, error, verdict) in enumerate(rows)]
+        async with self._writing() as s:
+            await s.execute(self._insert(JobRow), batch)
+        return len(batch)
+
+    async def finish_upload(self, job_id: str, fmt: str, header: list[str] | None, email_column: str) -> Job:
+        """Count the stored rows and make the job runnable (``queued``)."""
+        async with self._writing() as s:
+            total = (await s.execute(select(func.count()).select_from(JobRow).where(
+                JobRow.job_id == job_id))).scalar_one()
+            unique = (await s.execute(select(func.count(func.distinct(JobRow.key))).where(
+                JobRow.job_id == job_id, JobRow.done_at.is_(None)))).scalar_one()
+            await s.execute(update(Job).where(Job.id == job_id).values(
+                state="queued", total=total, unique_addresses=unique, fmt=fmt, header=header,
+                email_column=email_column))
+        job = await self.job(job_id)
         assert job is not None
         return job
+
+    async def discard_upload(self, job_id: str) -> None:
+        """Remove an upload that was refused or failed half-way."""
+        async with self._writing() as s:
+            await s.execute(delete(JobRow).where(JobRow.job_id == job_id))
+            await s.execute(delete(Job).where(Job.id == job_id, Job.state == "uploading"))
+
+    async def quota_left(self, client: Client, default_quota: int) -> int:
+        """Addresses the client may still submit today."""
+        quota = client.daily_quota if client.daily_quota is not None else default_quota
+        async with self.session() as s:
+            used = (await s.execute(select(Usage.addresses).where(
+                Usage.client_id == client.id, Usage.day == today()))).scalar_one_or_none()
+        return max(0, quota - (used or 0))
 
     async def job(self, job_id: str, client_id: int | None = None) -> Job | None:
         """A job; with ``client_id`` only if it belongs to that client."""
@@ -303,7 +354,7 @@ class Store:
                 Job.state.in_(ACTIVE), or_(Job.lease_until.is_(None), Job.lease_until < now))
                 .order_by(Job.created_at).limit(5))).scalars().all()
         for jid in cands:
-            async with self.session() as s, s.begin():
+            async with self._writing() as s:
                 res = await s.execute(update(Job).where(
                     Job.id == jid, Job.state.in_(ACTIVE),
                     or_(Job.lease_until.is_(None), Job.lease_until < now)).values(
@@ -316,7 +367,7 @@ class Store:
 
     async def renew(self, job_id: str, owner: str, lease: float) -> str | None:
         """Extend the lease; returns the job's state (None if it is gone or not ours)."""
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             await s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
                             .values(lease_until=time.time() + lease))
             return (await s.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
@@ -334,7 +385,7 @@ class Store:
         ``cache_for`` gives their lifetimes, in the verdict cache.  One transaction."""
         now = time.time()
         n = 0
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             for key, v in results:
                 res = await s.execute(update(JobRow).where(
                     JobRow.job_id == job_id, JobRow.key == key, JobRow.done_at.is_(None)).values(
@@ -355,7 +406,7 @@ class Store:
                 "status": v["status"], "result": v, "checked_at": now, "expires_at": now + ttl[key]}))
 
     async def cache_put(self, key: str, verdict: dict[str, Any], ttl: float) -> None:
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             await self._cache(s, [(key, verdict)], {key: ttl}, time.time())
 
     async def cached(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -368,18 +419,18 @@ class Store:
         return {k: v for k, v in rows}
 
     async def finish(self, job_id: str, state: str = "done", error: str | None = None) -> None:
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             await s.execute(update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(
                 state=state, finished_at=time.time(), lease_owner=None, lease_until=None, error=error))
 
     async def cancel(self, job_id: str) -> bool:
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             res = await s.execute(update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE)).values(
                 state="cancelled", finished_at=time.time()))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def delete_job(self, job_id: str) -> None:
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             await s.execute(delete(JobRow).where(JobRow.job_id == job_id))
             await s.execute(delete(Job).where(Job.id == job_id))
 
@@ -428,7 +479,7 @@ class Store:
     async def note_domains(self, seen: dict[str, tuple[str | None, bool | None]], ttl: float) -> None:
         """Record domain -> (MX host, catch-all) for ``ttl`` seconds, in one transaction."""
         now = time.time()
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             for domain, (mx_host, catch_all) in seen.items():
                 ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
                                                       checked_at=now, expires_at=now + ttl)
@@ -479,13 +530,13 @@ class Store:
 
     async def set_exemption_state(self, exemption_id: int, state: str, proof: str = "") -> bool:
         """Mark an entry active (with how it was proved) or pending."""
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             res = await s.execute(update(ExemptionRow).where(ExemptionRow.id == exemption_id).values(
                 state=state, proof=proof[:200], proved_at=time.time() if state == "active" else None))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def remove_exemption(self, exemption_id: int) -> bool:
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             res = await s.execute(delete(ExemptionRow).where(ExemptionRow.id == exemption_id))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -515,7 +566,7 @@ class Store:
     async def add_sessions(self, sessions: Sequence[dict[str, Any]]) -> None:
         if not sessions:
             return
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             for d in sessions:
                 d = dict(d)
                 d["transcript"] = zlib.compress(d["transcript"].encode("utf-8", "replace"), 6)
@@ -591,7 +642,7 @@ class Store:
         """Record an operator's action."""
         row = AuditEntry(at=time.time(), actor=actor[:200], action=action[:64], target=target[:300],
                          detail=detail[:2000])
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             s.add(row)
         return row
 
@@ -608,7 +659,7 @@ class Store:
 
     async def put_kv(self, name: str, value: dict[str, Any]) -> None:
         now = time.time()
-        async with self.session() as s, s.begin():
+        async with self._writing() as s:
             ins = self._insert(KeyValue).values(name=name, value=value, updated=now)
             await s.execute(ins.on_conflict_do_update(index_elements=["name"], set_={"value": value,
                                                                                     "updated": now}))
