@@ -20,7 +20,7 @@ from typing import Any
 
 from .address import parse_address
 from .errors import AddressError, InputError
-from .listio import ListReader, open_text
+from .listfiles import OpenList
 from .verdict import unparseable
 
 BATCH = 1000
@@ -39,11 +39,19 @@ class ParsedMeta:
     problems: int = 0
 
 
+def _open(path: Path, column: str | None) -> OpenList:
+    """The list (CSV, JSON lines, .xlsx, UTF-16 text; binary files refused with what they
+    look like), opened the way ``verify-list`` opens it."""
+    if path.stat().st_size == 0:
+        raise InputError("the upload is empty")
+    return OpenList(path, column=column)
+
+
 def count_rows(path: Path, *, column: str | None, fmt: str | None, cap: int) -> int:
     """Rows of the list; counting stops at ``cap`` (the rest is not read)."""
-    with open_text(path) as fh:
+    with _open(path, column) as ol:
         n = 0
-        for _row in ListReader(fh, fmt=fmt, column=column).rows():
+        for _row in ol.reader.rows():
             n += 1
             if n >= cap:
                 break
@@ -54,8 +62,8 @@ def produce_rows(path: Path, *, column: str | None, fmt: str | None,
                  put: Callable[[list[Rowtuple]], None], meta: ParsedMeta) -> None:
     """Parse the list and hand rows over in batches: unreadable rows and invalid addresses
     get their verdict now, every other row the key duplicates share."""
-    with open_text(path) as fh:
-        reader = ListReader(fh, fmt=fmt, column=column)
+    with _open(path, column) as ol:
+        reader = ol.reader
         batch: list[Rowtuple] = []
         for row in reader.rows():
             verdict: dict[str, Any] | None = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,8 +55,11 @@ class Spooled:
     has_file: bool = False
 
     def discard(self) -> None:
+        """Remove the spooled file (and its private directory)."""
         with contextlib.suppress(OSError):
             self.path.unlink()
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()
 
 
 class UploadLimit:
@@ -90,9 +92,9 @@ async def receive_upload(request: Request, limit: int, *, file_field: str = "fil
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
         raise BadUpload("send the list as multipart/form-data with a 'file' part")
-    fd, name = tempfile.mkstemp(prefix="sounding-upload-", suffix=".part")
-    out = os.fdopen(fd, "wb")
-    sp = Spooled(Path(name))
+    tmp = Path(tempfile.mkdtemp(prefix="sounding-upload-"))
+    out = open(tmp / "upload.part", "wb")  # noqa: SIM115 - closed on every path below
+    sp = Spooled(tmp / "upload.part")
     state: dict[str, Any] = {"name": None, "filename": None, "hfield": b"", "hvalue": b"", "headers": {},
                              "buf": bytearray()}
 
@@ -161,6 +163,11 @@ async def receive_upload(request: Request, limit: int, *, file_field: str = "fil
     if not sp.has_file:
         sp.discard()
         raise BadUpload("the form has no 'file' part")
+    # its own name (what messages about it say, and what tells an .xlsx apart)
+    safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in Path(sp.filename).name)[:120].strip(" .")
+    named = tmp / (safe or "upload")
+    sp.path.rename(named)
+    sp.path = named
     if sp.size and state.get("last") != b"\n":
         sp.lines += 1  # a last line without its newline
     return sp
