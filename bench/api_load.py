@@ -2,6 +2,7 @@
 
     python bench/api_load.py [--clients 200] [--verifies 5] [--job-size 50] [--domains 400]
                              [--delay 0.01] [--db URL] [--split]
+    python bench/api_load.py upload [--upload-mb 50] [--clients 20] [--db URL]
 
 One run, three processes: the sandbox world (``--domains`` domains, each on its own MX that
 waits ``--delay`` before every reply), ``sounding serve`` (uvicorn; SQLite in a temporary
@@ -15,12 +16,20 @@ Phase 2, bulk jobs: every client uploads a list of ``--job-size`` fresh addresse
 polls until it is done; prints jobs throughput (addresses verified per second across all
 jobs), the job completion time p50/p99 and the polling latency p50/p99 under that load.
 Everything is checked against the world's ground truth; errors are counted, never hidden.
+
+``upload`` mode: does anybody wait behind an upload? ``--clients`` clients keep sending
+``POST /v1/verify`` (fresh addresses, real SMTP sessions with the sandbox) while one client
+uploads a ``--upload-mb`` MB list (1) that fits its quota (stored, then cancelled), (2) that
+is over another client's quota of 1,000 rows and (3) that announces a ``Content-Length`` over
+the limit; prints each upload's answer and time, the /v1/verify latency p50/p99/max during
+them and how many took over 2 s, and the service's peak memory (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -59,6 +68,13 @@ async def _keys(db: str, n: int) -> list[str]:
 
     async with opened(db) as st:
         return [(await st.create_client(f"load-{i}"))[1] for i in range(n)]
+
+
+async def _small_key(db: str) -> str:
+    from sounding.store import opened
+
+    async with opened(db) as st:
+        return (await st.create_client("small", daily_quota=1000))[1]
 
 
 async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dict[str, str],
@@ -155,12 +171,91 @@ async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dic
               f"p99 {_pct(polls, 99) * 1000:.0f} ms; {jerrors} errors, {jwrong} wrong statuses", flush=True)
 
 
+def _big_csv(path: Path, size: int, addrs: list[str]) -> int:
+    rows = 0
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("email,name\n")
+        written = 11
+        while written < size:
+            a = addrs[rows % len(addrs)]
+            line = f"u{rows}.{a},Person {rows}\n"
+            fh.write(line)
+            written += len(line)
+            rows += 1
+    return rows
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _upload_load(args: argparse.Namespace, base: str, keys: list[str], small_key: str, addrs: list[str],
+                       serve_pid: int, td: str) -> None:
+    import httpx
+
+    big = Path(td) / "big.csv"
+    rows = _big_csv(big, int(args.upload_mb * 1_000_000), addrs)
+    pool = itertools.cycle(addrs)
+    stop = asyncio.Event()
+    lat: list[float] = []
+    errors = 0
+
+    async def verifier(http: httpx.AsyncClient, key: str) -> None:
+        nonlocal errors
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = await http.post("/v1/verify", json={"email": next(pool), "use_cache": False},
+                                    headers={"X-API-Key": key})
+                errors += r.status_code != 200
+            except httpx.HTTPError:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.2)
+
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        tasks = [asyncio.create_task(verifier(http, k)) for k in keys[1:]]
+        await asyncio.sleep(1.0)
+        report = []
+        t0 = time.perf_counter()
+        with big.open("rb") as fh:
+            r = await http.post("/v1/jobs", files={"file": ("big.csv", fh)}, headers={"X-API-Key": keys[0]})
+        report.append(f"accepted upload: HTTP {r.status_code} in {time.perf_counter() - t0:.1f} s")
+        if r.status_code == 202:
+            await http.delete(f"/v1/jobs/{r.json()['id']}", headers={"X-API-Key": keys[0]})
+        t0 = time.perf_counter()
+        with big.open("rb") as fh:
+            r = await http.post("/v1/jobs", files={"file": ("big.csv", fh)}, headers={"X-API-Key": small_key})
+        report.append(f"over-quota upload: HTTP {r.status_code} in {time.perf_counter() - t0:.2f} s")
+        port = int(base.rsplit(":", 1)[1])
+        t0 = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {keys[0]}\r\nContent-Type: "
+                      f"multipart/form-data; boundary=b\r\nContent-Length: {400 << 20}\r\n\r\n").encode())
+        status = (await reader.readline()).decode().strip()
+        writer.close()
+        report.append(f"400 MB Content-Length: {status!r} in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+    print(f"upload of {args.upload_mb} MB ({rows} rows) while {len(keys) - 1} clients verify:", flush=True)
+    for line in report:
+        print("  " + line, flush=True)
+    print(f"  /v1/verify during the uploads: {len(lat)} requests, p50 {_pct(lat, 50) * 1000:.0f} ms, "
+          f"p99 {_pct(lat, 99) * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms, "
+          f"{sum(x > 2.0 for x in lat)} over 2 s, {errors} errors; serve peak memory {_vm_hwm_mb(serve_pid):.0f} MB",
+          flush=True)
+
+
 def _run(args: argparse.Namespace) -> None:
     import httpx
 
     _, addr_truth = throughput_world(args.domains, args.per_domain, delay=args.delay)
     truth = dict(addr_truth)
-    need = args.clients * (args.verifies + args.job_size)
+    need = args.clients * (args.verifies + args.job_size) if args.mode == "run" else 0
     addrs = [a for a, _ in addr_truth]
     if need > len(addrs):
         raise SystemExit(f"the world has {len(addrs)} addresses, {need} needed: raise --domains/--per-domain")
@@ -176,6 +271,7 @@ def _run(args: argparse.Namespace) -> None:
             if not ready or ready[0] != "READY":
                 raise SystemExit("the sandbox did not start")
             keys = asyncio.run(_keys(db, args.clients))
+            small = asyncio.run(_small_key(db)) if args.mode == "upload" else ""
             port = args.port
             env = {**os.environ, "SOUNDING_STATE_DIR": f"{td}/state", "SOUNDING_DAILY_QUOTA": "100000000"}
             net = ["--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3], "--allow-private-mx"]
@@ -193,7 +289,10 @@ def _run(args: argparse.Namespace) -> None:
             print(f"world: {args.domains} domains x {args.per_domain} addresses, {args.delay * 1000:.0f} ms per "
                   f"reply; service: {db.split('://')[0]}{', API and worker in two processes' if args.split else ''}; "
                   f"{args.clients} concurrent clients", flush=True)
-            asyncio.run(_load(args, base, keys, truth, addrs))
+            if args.mode == "upload":
+                asyncio.run(_upload_load(args, base, keys, small, addrs, serve.pid, td))
+            else:
+                asyncio.run(_load(args, base, keys, truth, addrs))
         finally:
             for proc in (serve, worker):
                 if proc is not None:
@@ -206,7 +305,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "world"])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "world", "upload"])
+    ap.add_argument("--upload-mb", type=float, default=50.0, help="upload mode: the list's size (MB)")
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--verifies", type=int, default=5)
     ap.add_argument("--job-size", type=int, default=50)

@@ -523,3 +523,36 @@ async def test_deeply_nested_json_row_is_an_error_row(upload_site: dict[str, Any
     assert res.returncode in (0, 1), res.stderr[-2000:]
     lines = [_json.loads(x) for x in dst.read_text("utf-8").splitlines()]
     assert len(lines) == 4 and lines[1]["verdict"]["status"] == "error", lines
+
+
+async def test_serve_refuses_mx_hidden_in_6to4_teredo_nat64_and_site_local(tmp_path: Path) -> None:
+    w = World()
+    for name, ip in WRAPPED.items():
+        w.add_host(f"mx.{name}.example", "honest", has_address=False)
+        w.extra_a[f"mx.{name}.example"] = (ip,)
+        w.add_domain(f"{name}.example", mx=[(10, f"mx.{name}.example")], mailboxes=["alice"])
+    sb = await start_world(w)
+    db = f"sqlite:///{tmp_path / 'site.db'}"
+    key = await asyncio.to_thread(add_client, db, "Acme")
+    port = free_port()
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
+                             "--nameserver", f"{sb.nameserver[0]}:{sb.nameserver[1]}", "--smtp-port",
+                             str(sb.smtp_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "SOUNDING_STATE_DIR": str(tmp_path / "state")})
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for _ in range(150):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/openapi.json")).status_code == 200:
+                        break
+                await asyncio.sleep(0.2)
+            for name in WRAPPED:
+                r = await http.post("/v1/verify", json={"email": f"alice@{name}.example"}, headers={"X-API-Key": key})
+                v = r.json()
+                assert (v["status"], v["reason"]) == ("unknown", "mx_refused"), (name, v)
+        assert sb.log.sessions() == []
+    finally:
+        await asyncio.to_thread(stop_process, proc)
+        await sb.stop()
