@@ -58,7 +58,7 @@ def _login(page: Any, base: str, key: str, where: str = "/app") -> None:
 
 
 def _upload_and_finish(page: Any, base: str, path: Path) -> str:
-    page.get_by_label("CSV (any columns; the e-mail column is found) or JSON lines").set_input_files(str(path))
+    page.get_by_label("Your list: Excel (.xlsx), CSV or JSON lines").set_input_files(str(path))
     page.get_by_role("button", name="Verify this list").click()
     page.wait_for_url(f"{base}/app/jobs/*")
     job_url: str = page.url

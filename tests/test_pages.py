@@ -496,3 +496,34 @@ def test_pages_pass_axe_wcag_aa(browser: Any, site: dict[str, str]) -> None:  # 
     finally:
         ctx.close()
     assert found == {}, json.dumps(found, indent=1)
+
+
+def test_client_uploads_an_excel_list_and_downloads_excel(browser: Any, site: dict[str, str],  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    from openpyxl import Workbook, load_workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.append(["Name", "E-mail", "Since"])
+    ws.append(["Alice", "alice@honest.example", 2019])
+    ws.append(["Nobody", "nobody1@honest.example", 2021])
+    src = tmp_path / "contacts.xlsx"
+    wb.save(src)
+    page = browser.new_page(accept_downloads=True)
+    try:
+        _login(page, site["base"], site["client"])
+        page.get_by_label("Your list: Excel (.xlsx), CSV or JSON lines").set_input_files(str(src))
+        page.get_by_role("button", name="Verify this list").click()
+        page.wait_for_url(f"{site['base']}/app/jobs/*")
+        page.wait_for_function("() => document.getElementById('state').textContent === 'done'", timeout=60_000)
+        page.locator("#results").wait_for()
+        assert page.locator("#results tbody tr").count() == 2
+        with page.expect_download() as dl:
+            page.locator('#exports a[data-format="xlsx"]').click()
+        rows = list(load_workbook(io.BytesIO(Path(dl.value.path()).read_bytes()), read_only=True)
+                    .active.iter_rows(values_only=True))
+        assert rows[0][:4] == ("Name", "E-mail", "Since", "status")
+        assert [(r[1], r[2], r[3]) for r in rows[1:]] == [("alice@honest.example", "2019", "deliverable"),
+                                                          ("nobody1@honest.example", "2021", "undeliverable")]
+    finally:
+        page.close()
