@@ -23,8 +23,11 @@ from .conftest import corpus
 
 LABELS = {"not_exist", "disabled", "full", "policy", "ip_blocked", "rate_limit", "greylist", "temp_fail",
           "relay_denied", "other", "accepted"}
-# Measured 2026-11-25: shared 91.8 %, dev 92.6 %, held-out 83.8 % (0 dangerous on each; 764 own lines).
-FLOORS = {"shared": 0.85, "own/dev": 0.85, "own/heldout": 0.78}
+# Measured 2026-11-25 (849 own lines): shared 91.8 %, dev 93.4 %, held-out 84.1 %, held-out2 74 % (n=27);
+# 0 dangerous on each. held-out2 is small: its floor leaves room for two or three lines of noise.
+FLOORS = {"shared": 0.85, "own/dev": 0.87, "own/heldout": 0.78, "own/heldout2": 0.62}
+# Lines of the second collection round (after the first 764) fall into heldout2 instead of heldout.
+FIRST_ROUND = 764
 
 
 def _key(t: str) -> str:
@@ -37,13 +40,15 @@ def test_own_corpus_is_well_formed_and_apart_from_the_shared_one() -> None:
     assert len(rows) >= 600
     assert {r.label for r in rows} <= LABELS
     assert all(r.source.strip() for r in rows), "every line records where it came from"
-    assert {r.split for r in rows} == {"dev", "heldout"}
-    held = [r for r in rows if r.split == "heldout"]
-    assert 0.30 <= len(held) / len(rows) <= 0.40
-    # The split is a function of the text alone (chosen before tuning), not of anyone's choice.
-    for r in rows:
-        h = int(hashlib.sha256(r.text.encode()).hexdigest(), 16) % 100
-        assert (r.split == "heldout") == (h < 35), r.text
+    assert {r.split for r in rows} == {"dev", "heldout", "heldout2"}
+    for first, held_name, part in ((True, "heldout", rows[:FIRST_ROUND]), (False, "heldout2", rows[FIRST_ROUND:])):
+        held = [r for r in part if r.split == held_name]
+        assert 0.25 <= len(held) / len(part) <= 0.45, held_name
+        assert all(r.split in ("dev", held_name) for r in part), "each round has its own held-out split"
+        # The split is a function of the text alone (chosen before tuning), not of anyone's choice.
+        for r in part:
+            h = int(hashlib.sha256(r.text.encode()).hexdigest(), 16) % 100
+            assert (r.split == held_name) == (h < 35), (first, r.text)
     keys = [_key(r.text) for r in rows]
     assert len(set(keys)) == len(keys), "deduplicated"
     with corpus("smtp_replies.tsv").open(encoding="utf-8") as fh:
@@ -51,7 +56,7 @@ def test_own_corpus_is_well_formed_and_apart_from_the_shared_one() -> None:
     assert not set(keys) & shared, "no line of the shared corpus is counted again"
 
 
-@pytest.mark.parametrize("name", ["shared", "own/dev", "own/heldout"])
+@pytest.mark.parametrize("name", ["shared", "own/dev", "own/heldout", "own/heldout2"])
 def test_accuracy_floor_and_no_dangerous_errors(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     if name == "shared":
         rows = load(corpus("smtp_replies.tsv"))
@@ -89,7 +94,7 @@ def test_report_script_runs_and_prints_every_set() -> None:
     assert p.returncode == 0, p.stderr
     import json
     sets = {d["set"]: d for d in json.loads(p.stdout)}
-    assert {"own/dev", "own/heldout"} <= set(sets)
+    assert {"own/dev", "own/heldout", "own/heldout2"} <= set(sets)
     for d in sets.values():
         assert d["dangerous_not_exist"] == 0
         assert 0 < d["accuracy"] <= 1 and set(d["recall"]) <= LABELS

@@ -228,3 +228,43 @@ def test_memoised_classification_equals_a_fresh_reading() -> None:
     one = classify(make_reply(550, "5.1.1 <a@example.com>: Recipient address rejected: User unknown"))
     two = classify(make_reply(550, "5.1.1 <b@example.org>: Recipient address rejected: User unknown"))
     assert one is two and one.outcome is Outcome.NO_MAILBOX  # the second is read from the memo
+
+
+@pytest.mark.parametrize(("code", "enhanced", "text", "expected"), [
+    # Mailbox-missing wordings of real servers in other languages
+    (550, (5, 1, 1), "5.1.1 <a@b.example>: Benutzer unbekannt", Outcome.NO_MAILBOX),
+    (550, None, "550 {mx001} <a@b.example>... User unknown or not available - Empfaenger unbekannt",
+     Outcome.NO_MAILBOX),
+    (550, None, "550 utilisateur inconnu", Outcome.NO_MAILBOX),
+    (550, None, "550 Adresse inexistante", Outcome.NO_MAILBOX),
+    (550, (5, 1, 1), "5.1.1 Usuario desconocido", Outcome.NO_MAILBOX),
+    (550, None, "550 utente sconosciuto", Outcome.NO_MAILBOX),
+    (550, None, "550 Usuário desconhecido", Outcome.NO_MAILBOX),
+    (550, None, "550 Пользователь не найден", Outcome.NO_MAILBOX),
+    (550, None, "550 该用户不存在", Outcome.NO_MAILBOX),
+    (550, None, "550 ユーザーが存在しません", Outcome.NO_MAILBOX),
+    (501, (5, 1, 3), "5.1.3 Odbiorca <a@b.example> nie istnieje / Recipient <a@b.example> does not exist",
+     Outcome.NO_MAILBOX),
+    # the address stands for the noun once it is masked
+    (550, None, '550 "a@b.example" is not a known user', Outcome.NO_MAILBOX),
+    (554, None, "554 Rcpt <a@b.example> does not exist", Outcome.NO_MAILBOX),
+    # full, in other languages
+    (452, (4, 2, 2), "4.2.2 Postfach voll", Outcome.MAILBOX_FULL),
+    (552, None, "552 casella piena", Outcome.MAILBOX_FULL),
+    (550, None, "550 <a@b.example> Benutzer hat zuviele Mails auf dem Server.", Outcome.MAILBOX_FULL),
+    # the fail-safe order holds in every language: X.7, spam, IP and "later" words veto the mailbox phrase
+    (550, (5, 7, 1), "5.7.1 Benutzer unbekannt", Outcome.POLICY),
+    (550, None, "550 Spam: usuario desconocido", Outcome.POLICY),
+    (550, None, "550 Your IP is blocked: Benutzer unbekannt", Outcome.IP_BLOCKED),
+    (450, None, "450 Benutzer unbekannt, bitte später erneut versuchen", Outcome.TEMPORARY),
+    (550, None, "550 utilisateur inconnu ou bloqué", Outcome.REJECTED),
+    # 501 is a syntax error unless the words say otherwise
+    (501, None, "501 Spam Blocked - psmtp", Outcome.POLICY),
+    (501, None, "501 syntax error in parameters", Outcome.PROTOCOL_ERROR),
+    (451, None, "451 Could not complete sender verify callout", Outcome.TEMPORARY),
+    (554, (5, 7, 1), "5.7.1 - ERROR: Mail refused - <192.0.2.1> - See http://security.rr.com/cgi-bin/block-lookup?",
+     Outcome.IP_BLOCKED),
+])
+def test_wordings_across_languages_keep_the_fail_safe_order(code: int, enhanced: tuple[int, int, int] | None,
+                                                            text: str, expected: Outcome) -> None:
+    assert classify_parts(code, enhanced, text).outcome is expected

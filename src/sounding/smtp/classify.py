@@ -135,7 +135,7 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
      _rx(r"\b4\.7\.65[01]\b", r"\b4\.7\.8[5-9]\d\b", r"rate limited due to ip reputation", r"\(S843\)", r"\(S3114\)",
          r"\(S775\)")),
     ("microsoft tenant/recipient limits", Outcome.RATE_LIMITED,
-     _rx(r"\b5\.7\.7[0-4]\d\b", r"tenant has exceeded threshold", r"\b[45]\.2\.12[12]\b",
+     _rx(r"\b5\.7\.7[0-4]\d\b", r"tenant has exceeded threshold", r"\b4\.7\.500\b", r"\b[45]\.2\.12[12]\b",
          r"per hour message receive limit", r"exceeded permitted limits", r"submission quota exceeded",
          r"recipient thread limit exceeded", r"\b4\.7\.652\b", r"organization queue quota exceeded",
          r"daily limit for message recipients")),
@@ -161,6 +161,7 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
          r"must have a PTR record")),
     ("comcast rate", Outcome.RATE_LIMITED, _rx(r"too many recent messages")),
     ("cox/charter block", Outcome.IP_BLOCKED, _rx(r"\bCXBL\b", r"\bCDRBL\b", r"\bIPBL\d{4}\b", r"\bCXDNS\b",
+                                                  r"security\.rr\.com/cgi-bin/block-lookup",
                                                   r"\bAUP#[IO]-?1(000|1[05]0)\b")),
     ("cox rate", Outcome.RATE_LIMITED, _rx(r"\bCXCNCT\b", r"\bCXMXRT\b")),
     ("orange/la poste invalid recipient", Outcome.NO_MAILBOX, _rx(r"\b(OFR|LPN)\w*_416\b")),
@@ -298,6 +299,7 @@ _POLICY = _rx(
     r"media error", r"encoded-word", r"8-bit", r"no permit", r"\bblocked\b", r"blacklist",
     r"administrative prohibition", r"envelope blocked", r"restricted", r"registered users",
     r"authentication", r"\baup\b", r"message not (allowed|accepted)", r"not accepted", r"spamtrap",
+    r"requires confirmation", r"confirm this mail server", r"challenge.?response",
 )
 _RATE = _rx(
     r"too many (recipients|connections|sessions|messages|rcpt|concurrent|mails|recent|invalid|bad|errors)",
@@ -317,6 +319,8 @@ _RATE_STRONG = _rx(r"too many (recipients|connections|sessions|messages|rcpt|con
 # Message size and shape: the message, not the mailbox or the sender.
 _SIZE = _rx(r"message (length|size)", r"size (exceed|limit)", r"exceed\w* .{0,30}\bsize", r"(too|is) (large|big)",
             r"larger than", r"number of attachments", r"header value .{0,30}exceeds", r"size of (your|the) message")
+# Exim "451 Could not complete sender verify callout": the check failed for now, not a verdict on us.
+_CALLOUT_DEFER = _rx(r"could not complete (sender |recipient )?verify", r"verify callout .{0,30}(defer|temporar)")
 _TOO_MANY_RCPT = _rx(r"too many recipients", r"per transaction exceeded", r"separate transaction",
                      r"recipients per (message|session|transaction)")
 _TOO_MANY_CONN = _rx(r"too many (open |concurrent |simultaneous |smtp )?(connections|sessions|concurrent)",
@@ -326,7 +330,11 @@ _FULL = _rx(r"mailbox (is )?full", r"(box|folder) (is )?full", r"over ?quota", r
             r"exceeded (storage|quota)", r"storage (allocation|space|full)", r"out of storage", r"disk quota",
             r"mailbox size limit", r"insufficient (disk )?space in", r"(does not|doesn't) have enough space",
             r"exhausted allowed storage", r"mailbox (limit|quota)", r"quota exceed", r"pleine", r"quotaexce",
-            r"requested mailbox exceeds", r"mailbox is stuffed", r"too many messages on the server",
+            r"requested mailbox exceeds", r"zu ?viele? (mails|nachrichten)",
+            r"(postfach|mailbox|speicher) (ist )?(voll|[üu]berf[üu]llt)", r"speicherplatz",
+            r"bo[iî]te (aux lettres )?pleine", r"buz[oó]n (est[aá] )?lleno", r"casella (di posta )?(piena|ha superato)",
+            r"caixa (postal )?(est[aá] )?(cheia|lotada)", r"ящик переполнен", r"превышен[а-я]* (квот|лимит)",
+            r"邮箱(已满|空间不足)", r"容量(超過|オーバー)", r"mailbox is stuffed", r"too many messages on the server",
             r"too much mail data", r"diskspace quota")
 _DISABLED = _rx(
     r"(mailbox|account|user|recipient|address|e-?mail)\b[^.;]{0,30}\b(is |has been |was )?(disabled|deactivated|"
@@ -335,12 +343,14 @@ _DISABLED = _rx(
     r"\bis a deactivated",
     r"no longer (valid|active|in use)", r"compte du destinataire est bloque", r"recipient account is blocked",
     r"user (disabled|suspended|hangup)", r"disabled with mta service", r"temporar(y|ily) locked",
-    r"user status is locked")
+    r"user status is locked", r"(konto|postfach) (ist )?(gesperrt|deaktiviert)", r"compte (d[ée]sactiv[ée]|suspendu)",
+    r"cuenta (desactivada|suspendida|inhabilitada)", r"(account|casella) (disattivat[ao]|sospes[ao])",
+    r"(учетная запись|ящик) (заблокирован|отключен)")
 # What only a mailbox answer says: a noun for the recipient next to a word for "missing".
-_NOUN = (r"(user|mailbox|mail-box|recipient|account|address|addressee|alias|local.?part|e-?mail account|utilisateur|"
-         r"destinataire)")
+_NOUN = (r"(user|mailbox|mail-box|recipient|rcpt|account|address|addressee|alias|local.?part|e-?mail account|"
+         r"utilisateur|destinataire)")
 _NOT_EXIST = _rx(
-    rf"{_NOUN}\W{{0,3}}(\([^)]*\)\W{{0,3}})?(is )?(unknown|not known|inconnu)",
+    rf"{_NOUN}\W{{0,3}}(\([^()]{{0,80}}\)\W{{0,3}})?(is )?(unknown|not known|inconnu)",
     rf"(unknown|no such|nonexistent|non-existent|unrecogni[sz]ed|invalid|bad destination) (local )?{_NOUN}",
     rf"{_NOUN}\b[^.;:]{{0,25}}\b(does ?n[o'’]?t exist|not exists?|no exist|do(es)? not exist|not found|"
     rf"unrecogni[sz]ed|nonexistent|non-existent|no longer exists|not listed)",
@@ -353,11 +363,34 @@ _NOT_EXIST = _rx(
     r"not a member of domain", r"lookup in domain map failed", r"user not exist", r"no longer exists",
     r"has moved", r"i cannot deliver mail for", r"mailbox (has been )?removed",
     r"\b[\w-]+(\.[\w-]+)+\.? does not exist",
+    # the address stood for the noun: "<a@b> is not a known user", "... is not an active address at this host"
+    r"(is )?not an? (known|valid|active|local) (user|mailbox|recipient|address|account)\b", r"\bbad_recipient\b",
+    # other languages, as real servers word it
+    r"(benutzer|empf[äa]e?nger|adresse|postfach|mailbox|konto)\W{1,3}(ist )?"
+    r"(unbekannt|existiert nicht|nicht vorhanden)",
+    r"unbekannte?r? (benutzer|empf[äa]e?nger)", r"(utilisateur|destinataire|adresse) (inconnue?|inexistante?)",
+    r"(adresse|bo[iî]te|compte|utilisateur|destinataire)[^.;:]{0,30}n.existe (pas|plus)",
+    r"(usuario|destinatario|buz[oó]n|direcci[oó]n|cuenta)\W{1,3}(es )?(desconocid[oa]|inexistente|no existe)",
+    r"(utente|destinatario|casella|indirizzo)\W{1,3}(sconosciut[oa]|inesistente|non esiste)",
+    r"(usu[aá]rio|utilizador|destinat[aá]rio|endere[cç]o|caixa postal)\W{1,3}"
+    r"(desconhecid[oa]|inexistente|n[ãa]o existe)",
+    r"(odbiorca|u[zż]ytkownik|konto|adres)\W{1,3}nie istnieje",
+    r"(gebruiker|ontvanger|adres)\W{1,3}(onbekend|bestaat niet)",
+    r"(u[žz]ivatel|adresa|schr[áa]nka)\W{1,3}neexistuje",
+    r"(пользовател[ья]|получател[ья]|адрес[а]?|почтов[а-я]* ящик[а]?|ящик[а]?)\W{1,3}"
+    r"(не (существует|найден)|отсутствует)",
+    r"нет такого (пользователя|ящика|адреса)", r"(用户|收件人|邮箱|帐户|账户|账号|地址)(名)?不存在", r"用户未找到",
+    r"(ユーザ[ー]?|宛先|アドレス|メールアドレス)(が|は)?(存在しません|見つかりません|不明)", r"宛先不明",
 )
 # Words that make a mailbox phrase untrustworthy (the refusal may be about us).
 _CONTRA = _rx(r"\btry (again )?later\b", r"temporar", r"\bspam", r"\bblock", r"black ?list", r"\blisted\b",
               r"reputation", r"polic(y|ies)", r"\bip\b", r"\brate\b", r"rate limit", r"\blimit", r"too many",
-              r"abuse", r"access denied", r"not authori[sz]ed", r"excessive")
+              r"abuse", r"access denied", r"not authori[sz]ed", r"excessive",
+              # the same in the languages whose mailbox phrases are read (later, temporary, blocked)
+              r"sp[äa]ter", r"plus tard", r"m[aá]s tarde", r"pi[uù] tardi", r"mais tarde", r"позже", r"稍后",
+              r"しばらく",
+              r"tempor[äa]r", r"temporaire", r"temporal", r"temporane", r"blockiert", r"gesperrt", r"bloqu", r"bloccat",
+              r"заблокирован", r"封禁|拦截|垃圾")
 _TEMP = _rx(r"expired", r"timed? ?out", r"timeout", r"try (again )?later", r"temporar", r"busy", r"resources",
             r"not available", r"unavailable", r"error in processing", r"insufficient system", r"i/o error",
             r"local problem", r"system (problem|error)", r"internal (server )?error", r"connection (dropped|lost)",
@@ -476,7 +509,7 @@ _FAMILY: dict[int, frozenset[Outcome]] = {
     5: frozenset({Outcome.PROTOCOL_ERROR, Outcome.RATE_LIMITED, Outcome.IP_BLOCKED, Outcome.POLICY,
                   Outcome.RELAY_DENIED, Outcome.TLS_REQUIRED, Outcome.HELO_REJECTED, Outcome.GREYLISTED,
                   Outcome.TEMPORARY, Outcome.REJECTED}),
-    6: frozenset({Outcome.POLICY, Outcome.PROTOCOL_ERROR, Outcome.TEMPORARY, Outcome.REJECTED}),
+    6: frozenset({Outcome.POLICY, Outcome.IP_BLOCKED, Outcome.PROTOCOL_ERROR, Outcome.TEMPORARY, Outcome.REJECTED}),
     7: frozenset({Outcome.IP_BLOCKED, Outcome.POLICY, Outcome.RELAY_DENIED, Outcome.TLS_REQUIRED,
                   Outcome.HELO_REJECTED, Outcome.RATE_LIMITED, Outcome.GREYLISTED, Outcome.TEMPORARY,
                   Outcome.REJECTED}),
@@ -586,7 +619,9 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
         if (m := rx.search(t)) and allowed(outcome):
             return out(outcome, Layer.WORDING, rule, _snip(m))
     other_reading = _BLOCK.search(t) or _AUTH.search(t) or _SENDER.search(t)
-    if code == 501 and not other_reading:
+    spam_or_block = re.search(r"\bspam|\bblocked\b", t, re.I)
+    x1_mailbox = subj == 1 and det in (1, 3) and _NOT_EXIST.search(reason) is not None
+    if code == 501 and not other_reading and not spam_or_block and not x1_mailbox:
         # RFC 5321 §4.2.2: 501 is a syntax error in parameters -- not a mailbox answer.
         return out(Outcome.PROTOCOL_ERROR, Layer.STRUCTURE, "501 syntax error in parameters (RFC 5321 §4.2.2)", "501")
     if (m := _PROTO.search(t)) and subj != 6 and not other_reading:
@@ -595,6 +630,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
         return out(Outcome.RATE_LIMITED, Layer.WORDING, "connection/session limit", _snip(m))
     if (m := _FULL.search(t)) and subj in (None, 0, 1, 2, 3) and not other_reading:
         return out(Outcome.MAILBOX_FULL, Layer.WORDING, "mailbox full / over quota", _snip(m))
+    if transient and (m := _CALLOUT_DEFER.search(t)):
+        return out(Outcome.TEMPORARY, Layer.WORDING, "sender verification could not be completed (transient)", _snip(m))
     if m := _AUTH.search(t):
         return out(Outcome.POLICY, Layer.WORDING, "message authentication (SPF/DKIM/DMARC/AUTH)", _snip(m))
     if m := _SIZE.search(t):
@@ -644,7 +681,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     return out(o, Layer.DEFAULT, rule, str(code) if code is not None else "")
 
 
-_PLAIN_MISSING = _rx(r"user ?unknown", r"no such user", r"doesn.t have an? [\w.-]* ?account", r"not our customer")
+_PLAIN_MISSING = _rx(r"user ?unknown", r"no such user", r"doesn.t have an? [\w.-]* ?account", r"not our customer",
+                     r"(recipient|rcpt|user|mailbox|address) (does ?n[o']t|not) exists?\b", r"not a known user")
 
 
 def _mailbox_claim_ok(code: int | None, enh: tuple[int, int, int] | None, t: str) -> bool:
@@ -672,6 +710,8 @@ def _structure(enh: tuple[int, int, int], transient: bool, t: str, reason: str) 
         if det == 2:
             return Outcome.NO_MAILBOX, "X.1.2 bad destination system (domain does not exist)"
         if det == 3:
+            if _NOT_EXIST.search(reason):
+                return Outcome.NO_MAILBOX, "X.1.3 with a mailbox-unknown text"
             return Outcome.PROTOCOL_ERROR, "X.1.3 bad destination address syntax"
         if det in (7, 8):
             return Outcome.POLICY, f"X.1.{det} bad sender address"
