@@ -262,6 +262,16 @@ def test_memoised_classification_equals_a_fresh_reading() -> None:
     (501, None, "501 Spam Blocked - psmtp", Outcome.POLICY),
     (501, None, "501 syntax error in parameters", Outcome.PROTOCOL_ERROR),
     (451, None, "451 Could not complete sender verify callout", Outcome.TEMPORARY),
+    # the receiver's own trouble in a transient reply is temporary, even under a registered X.7 detail
+    (421, (4, 7, 20), "4.7.20 Temporary error during DKIM verification", Outcome.TEMPORARY),
+    (451, (4, 7, 0), "4.7.0 Internal error during policy check", Outcome.TEMPORARY),
+    (450, (4, 2, 1), "4.2.1 Peak SMTP relay limit exceeded for customer. This is a temporary error.",
+     Outcome.RATE_LIMITED),
+    (550, (5, 7, 23), "5.7.23 SPF authentication failed", Outcome.POLICY),
+    # loops are about the message's path; relay refusals worded by mox and hMailServer
+    (554, (5, 4, 6), "5.4.6 Too many Received header fields (31), possible forwarding loop", Outcome.REJECTED),
+    (550, (5, 1, 1), "5.1.1 not accepting email for domain", Outcome.RELAY_DENIED),
+    (550, None, "550 Delivery is not allowed to this address.", Outcome.RELAY_DENIED),
     (554, (5, 7, 1), "5.7.1 - ERROR: Mail refused - <192.0.2.1> - See http://security.rr.com/cgi-bin/block-lookup?",
      Outcome.IP_BLOCKED),
 ])

@@ -210,6 +210,8 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
     ("qmail no mailbox", Outcome.NO_MAILBOX, _rx(r"no mail-?box here by that name")),
     ("postfix local tables", Outcome.NO_MAILBOX,
      _rx(r"user unknown in (local recipient|virtual mailbox|virtual alias|relay recipient) table")),
+    # hMailServer: the IP range's rules forbid delivery to this address (its relay refusal)
+    ("hmailserver IP range", Outcome.RELAY_DENIED, _rx(r"delivery is not allowed to this address")),
     ("domino directory", Outcome.NO_MAILBOX,
      _rx(r"not listed in (the )?(public name & address book|domino directory)")),
 )
@@ -228,7 +230,14 @@ _RELAY = _rx(r"relay(ing)? (access )?(is )?(denied|not permitted|not allowed|pro
              r"domain isn't in my list", r"not local host", r"mx (records? )?(do|does) not point to us",
              r"(domain|recipient domain) (is )?not (hosted|served|handled) (here|by us)",
              r"requires authentication when attempting to send to a non-local", r"relay denied",
-             r"relaying denied", r"credentials for relay", r"insecure mail relay")
+             r"relaying denied", r"credentials for relay", r"insecure mail relay",
+             r"not accepting (e-?mail|mail|messages) for (this |that |the )?domain")
+# Mail loops: the message, not the mailbox, and no retry will help.
+_LOOP = _rx(r"\bloop (detected|broken)", r"(mail|forwarding|routing|alias(ing)?(/forwarding)?) loop",
+            r"too many (hops|received headers?( fields)?)", r"message looping", r"possible forwarding loop")
+# The receiver's own trouble in a transient reply ("451 4.7.0 Internal error during policy check",
+# "421 4.7.20 Temporary error during DKIM verification"): the check could not run, it did not fail.
+_THEIR_ERROR = _rx(r"\btemporary error\b", r"internal (server |system )?error", r"\bi/o error")
 _TLS = _rx(r"starttls", r"tls (is )?required", r"(requires?|must use) (encryption|tls)", r"encryption required",
            r"must support tls", r"route requires", r"(not|n't) support tls")
 _HELO = _rx(r"hel[lo]o command rejected", r"helo/ehlo (argument|requires)", r"fully[- ]qualified hostname",
@@ -589,6 +598,10 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     m_pre = _RCPT_PREFIX.search(t)
     reason = t[m_pre.end():] if m_pre else t
 
+    if transient and (m := _THEIR_ERROR.search(t)) and not (_GREYLIST.search(t) or _BLOCK.search(t)
+                                                            or _RATE.search(t)):
+        return out(Outcome.TEMPORARY, Layer.WORDING, "the receiver's own temporary/internal error", _snip(m))
+
     # ---- 1. structure: registered detail codes that leave no room for the words
     if subj == 7 and det in _X7 and not (det in (10, 11) and _PROTO.search(t)):
         o, rule = _X7[det]
@@ -611,6 +624,7 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     # ---- 3. wording, in fail-safe order (the family of the enhanced code still applies)
     for rx, outcome, rule in (
         (_GREYLIST, Outcome.GREYLISTED, "greylisting wording"),
+        (_LOOP, Outcome.REJECTED, "mail loop (about the message's path, not the mailbox)"),
         (_RELAY, Outcome.RELAY_DENIED, "relaying refused"),
         (_TLS, Outcome.TLS_REQUIRED, "TLS required"),
         (_HELO, Outcome.HELO_REJECTED, "HELO/EHLO rejected"),
