@@ -127,7 +127,10 @@ def test_retry_hints() -> None:
         ("550 5.2.1 <a@b.example>... User Unknown", Outcome.NO_MAILBOX),
         ("550 5.7.25 The IP address sending this message does not have a PTR record", Outcome.IP_BLOCKED),
         ("550 5.7.26 Unauthenticated email is not accepted due to domain's DMARC policy", Outcome.POLICY),
-        ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", Outcome.POLICY),
+        # Exchange Online DBEB: the AS(201806281) code names "recipient not in the directory" (vendor layer);
+        # a bare "Access denied" without it stays a policy refusal.
+        ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", Outcome.NO_MAILBOX),
+        ("550 5.4.1 Recipient address rejected: Access denied", Outcome.POLICY),
         ("550 Requested action not taken: mailbox unavailable", Outcome.REJECTED),
         ("550 Address rejected", Outcome.REJECTED),
         # vendors
@@ -272,6 +275,12 @@ def test_memoised_classification_equals_a_fresh_reading() -> None:
     (554, (5, 4, 6), "5.4.6 Too many Received header fields (31), possible forwarding loop", Outcome.REJECTED),
     (550, (5, 1, 1), "5.1.1 not accepting email for domain", Outcome.RELAY_DENIED),
     (550, None, "550 Delivery is not allowed to this address.", Outcome.RELAY_DENIED),
+    (452, (4, 2, 2), "4.2.2 Greylisted, please try again in a few moments.", Outcome.GREYLISTED),
+    (451, (4, 7, 25), "4.7.25 Temporary error validating reverse DNS.", Outcome.TEMPORARY),
+    (550, (5, 7, 25), "5.7.25 Reverse DNS validation failed.", Outcome.IP_BLOCKED),
+    (452, (4, 7, 28), "4.7.28 mx.example.com Session exceeded transfer quota.", Outcome.RATE_LIMITED),
+    (550, (5, 4, 1), "5.4.1 Recipient address rejected: Access denied. AS(201806281)", Outcome.NO_MAILBOX),
+    (550, (5, 4, 1), "5.4.1 Your IP is blocked. Access denied. AS(201806281)", Outcome.IP_BLOCKED),
     (554, (5, 7, 1), "5.7.1 - ERROR: Mail refused - <192.0.2.1> - See http://security.rr.com/cgi-bin/block-lookup?",
      Outcome.IP_BLOCKED),
 ])

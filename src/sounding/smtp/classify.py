@@ -141,6 +141,9 @@ _VENDOR: tuple[tuple[str, Outcome, re.Pattern[str]], ...] = (
          r"daily limit for message recipients")),
     ("microsoft recipient not found", Outcome.NO_MAILBOX,
      _rx(r"RESOLVER\.ADR\.(Ex)?Recip(ient)?NotFound", r"not found by SMTP address lookup")),
+    # Exchange Online Directory-Based Edge Blocking: the recipient is not in the tenant's directory
+    # ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", learn.microsoft.com NDR 5.4.1)
+    ("microsoft DBEB recipient not found", Outcome.NO_MAILBOX, _rx(r"access denied\W{0,3}AS\(201806281\)")),
     # Yahoo / AOL (senders.yahooinc.com/smtp-error-codes)
     ("yahoo greylisting", Outcome.GREYLISTED, _rx(r"\[GL0\d\]")),
     ("aol/verizon block", Outcome.IP_BLOCKED, _rx(r"\bRLY:[A-Z]{1,3}\d?\b", r"\bRTR:[A-Z]{2}\b", r"\bHVU:B\d\b",
@@ -238,6 +241,10 @@ _LOOP = _rx(r"\bloop (detected|broken)", r"(mail|forwarding|routing|alias(ing)?(
 # The receiver's own trouble in a transient reply ("451 4.7.0 Internal error during policy check",
 # "421 4.7.20 Temporary error during DKIM verification"): the check could not run, it did not fail.
 _THEIR_ERROR = _rx(r"\btemporary error\b", r"internal (server |system )?error", r"\bi/o error")
+# ... and when it names the check that could not run, even a block or auth check ("451 4.7.25 Temporary
+# error validating reverse DNS", "451 4.7.24 Temporary SPF validation error").
+_THEIR_ERROR_CHECK = _rx(r"temporary error (validating|verifying|checking|during)",
+                         r"temporary (\w+ ){0,3}(validation|verification|lookup) error")
 _TLS = _rx(r"starttls", r"tls (is )?required", r"(requires?|must use) (encryption|tls)", r"encryption required",
            r"must support tls", r"route requires", r"(not|n't) support tls")
 _HELO = _rx(r"hel[lo]o command rejected", r"helo/ehlo (argument|requires)", r"fully[- ]qualified hostname",
@@ -294,7 +301,8 @@ _SENDER = _rx(r"sender (address|domain|ip)? ?(is )?(rejected|denied|blocked|refu
               r"spoof", r"forged", r"forgery", r"null sender", r"sender email is not",
               r"mismatched with message header",
               r"reputation of (the |a )?(sending |sender )?domain", r"domain used in message transfer",
-              r"dns check failed", r"invalid dns (mx|a)", r"unregistered domains", r"banned sender")
+              r"dns check failed", r"invalid dns (mx|a)", r"unregistered domains", r"banned sender",
+              r"not allowed to send from")
 # Weaker block words: counted as an IP block only with no sender/content reading available.
 _BLOCK_WEAK = _rx(r"black ?list", r"block ?list", r"blocklisted", r"blacklisted", r"reputation",
                   r"connection refused", r"\bbanned\b", r"temporarily blocked", r"blocked for the day")
@@ -320,6 +328,7 @@ _RATE = _rx(
     r"max(imum)? (number of )?(message|messages|connections|recipients) (per|reached|exceeded)",
     r"per (hour|day|minute|connection|session|transaction)", r"has exceeded (their|the|its) limit",
     r"try this recipient in a separate", r"mail flood", r"lower the number of concurrent", r"exceed\w* .{0,25}limit",
+    r"(transfer|sending|session|message) quota", r"session exceeded",
 )
 _RATE_STRONG = _rx(r"too many (recipients|connections|sessions|messages|rcpt|concurrent|mails|recent)",
                    r"(excessive|too many) (unknown |invalid |bad )?(recipients|rcpt)", r"too much mail",
@@ -598,6 +607,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     m_pre = _RCPT_PREFIX.search(t)
     reason = t[m_pre.end():] if m_pre else t
 
+    if transient and (m := _THEIR_ERROR_CHECK.search(t)) and not (_GREYLIST.search(t) or _RATE.search(t)):
+        return out(Outcome.TEMPORARY, Layer.WORDING, "the receiver could not complete a check (transient)", _snip(m))
     if transient and (m := _THEIR_ERROR.search(t)) and not (_GREYLIST.search(t) or _BLOCK.search(t)
                                                             or _RATE.search(t)):
         return out(Outcome.TEMPORARY, Layer.WORDING, "the receiver's own temporary/internal error", _snip(m))
@@ -615,7 +626,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     vtext = f"{enh_s} {t} {urls}"
     for name, outcome, rx in _VENDOR:
         if (m := rx.search(vtext)) and allowed(outcome):
-            if outcome is Outcome.NO_MAILBOX and not _mailbox_claim_ok(code, enh, t):
+            # The signature's own words do not count against it; the rest of the text still may.
+            if outcome is Outcome.NO_MAILBOX and not _mailbox_claim_ok(code, enh, rx.sub(" ", t)):
                 continue
             return out(outcome, Layer.VENDOR, name, _snip(m))
     if enh is not None and enh[:2] == (4, 7) and _GREY_DEFAULT.match(reason):
@@ -687,6 +699,8 @@ def explain_parts(code: int | None, enhanced: tuple[int, int, int] | None, text:
     if m := (_TEMP if transient else _TEMP_STRONG).search(t):
         return out(Outcome.TEMPORARY, Layer.WORDING, "temporary failure", _snip(m))
 
+    if m_pre and not transient and subj == 3:  # X.3.x: the receiving mail system's own state
+        return out(Outcome.REJECTED, Layer.STRUCTURE, f"X.3.{det} mail system status behind a Postfix prefix", enh_s)
     if m_pre and not transient:  # an RCPT restriction refused it, for a reason we cannot read
         return out(Outcome.POLICY, Layer.WORDING, "Postfix RCPT restriction with an unfamiliar reason", reason)
 
