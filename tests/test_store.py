@@ -91,6 +91,7 @@ async def test_job_rows_results_are_written_once_and_leases_are_exclusive(db_url
         again = await st.claim("w2", 30)
         assert again is not None and again.lease_owner == "w2" and again.started_at == first.started_at
         assert await st.renew(job.id, "w2", 30) == "running"
+        assert await st.renew(job.id, "w1", 30) is None  # the old owner lost it: it must stop
         await st.record(job.id, [("b@x.example", _v("b@x.example", "undeliverable", "no_mailbox"))])
         await st.finish(job.id)
         out = [(r.idx, r.status, r.cells) async for r in st.rows(job.id, batch=2)]

@@ -359,6 +359,21 @@ def give_up(recipients: list[Recipient], *, receiver: str, mx_host: str, pool: S
     return result
 
 
+#: evidence detail of verdicts a worker gives when it no longer owns the receiver; they are
+#: never stored (the new owner asks those recipients)
+HANDED_OVER = "handed over: this worker no longer owns the receiver"
+
+
+def handed_over(recipients: list[Recipient], domains: DomainBook, settings: Settings) -> Absorbed:
+    """The receiver went to another worker: close the books on these recipients here
+    (``unknown``, marked :data:`HANDED_OVER`, never stored) without asking anything."""
+    result = Absorbed()
+    for j in recipients:
+        settle(result, j, domains, settings, unknown(j.rcpt, Reason.PAUSED, evidence=Evidence(
+            detail=HANDED_OVER), flags=flags_of(j.parsed), **kw_of(j.parsed)))
+    return result
+
+
 def internal_error(recipients: list[Recipient], exc: BaseException, domains: DomainBook,
                    settings: Settings, *, clients_only: bool = False) -> Absorbed:
     """A bug must not lose addresses: answer ``unknown`` (protocol_error) with the error."""

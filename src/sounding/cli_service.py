@@ -97,7 +97,8 @@ def worker(
     config: CfgOpt = None,
 ) -> None:
     """Run jobs only (no HTTP): pair with ``serve --no-worker`` so verification and the API
-    do not share one event loop. Several workers may share a database (jobs are leased)."""
+    do not share one event loop. On PostgreSQL, any number of workers (each with its own
+    --source-ip) form one fleet: each receiver is owned by one worker at a time."""
     import signal
 
     from .service import Service
@@ -110,6 +111,14 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if st.dialect == "postgresql":  # the fleet: procrastinate tasks, receivers owned one at a time
+            from .runner.fleet import FleetWorker
+
+            fw = FleetWorker(s, st)
+            err.print(f"worker {fw.name} (sources: {', '.join(x.key for x in fw.pool.sources)}) "
+                      f"running fleet tasks from {s.db_url}")
+            await fw.run(stop)  # SIGTERM: hands its receivers over, then exits
+            return
         async with Service(s, st, worker=True) as svc:
             err.print(f"worker {svc.owner} running jobs from {s.db_url or 'the data directory'}")
             await stop.wait()

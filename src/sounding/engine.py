@@ -27,11 +27,21 @@ import os
 import random
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .absorb import Absorbed, Accepted, absorb, flags_of, give_up, internal_error, kw_of, rcpt_verdict
+from .absorb import (
+    Absorbed,
+    Accepted,
+    absorb,
+    flags_of,
+    give_up,
+    handed_over,
+    internal_error,
+    kw_of,
+    rcpt_verdict,
+)
 from .address import Flag, parse_address
 from .controls import ReceiverHistory
 from .courtesy.dnsbl import check_ip
@@ -63,7 +73,7 @@ __all__ = ["FLUSH", "ConductStats", "Verifier"]
 FLUSH: Any = type("Flush", (str,), {"__repr__": lambda self: "FLUSH"})("")
 
 
-class _Gate:
+class SessionGate:
     """The global session cap as an asyncio gate whose size may change while sessions wait
     (the cap itself is decided by :class:`~sounding.schedule.capacity.SessionCap`)."""
 
@@ -134,7 +144,12 @@ class Verifier:
                  exemptions: ExemptionRegistry | None = None,
                  wall_clock: Callable[[], float] = time.time,
                  fd_limit: int | None = None, cpus: int | None = None,
-                 capacity: SessionCap | None = None) -> None:
+                 capacity: SessionCap | None = None,
+                 gate: Callable[[str], bool] | None = None,
+                 wire_gate: Callable[[str], bool] | None = None,
+                 session_slots: SessionGate | None = None,
+                 domains: DomainBook | None = None,
+                 before_session: Callable[[str, list[Recipient]], Awaitable[bool]] | None = None) -> None:
         self.settings = settings or Settings()
         self.settings.validate()
         s = self.settings
@@ -154,6 +169,12 @@ class Verifier:
         self.on_session = on_session
         self.stats = ConductStats()
         self.wall_clock = wall_clock
+        #: fleet ownership: ``gate(receiver)`` false means another worker owns it now — start
+        #: nothing more, send nothing more; ``before_session`` records the recipients about to
+        #: go on the wire and may refuse the session (see runner.fleet)
+        self.gate = gate
+        self.wire_gate = wire_gate if wire_gate is not None else gate
+        self.before_session = before_session
         state = Path(s.state_dir) if s.state_dir else None
         if pool is None:
             pool = SourcePool([Source.parse(x) for x in s.source_ips], clock=wall_clock,
@@ -176,10 +197,12 @@ class Verifier:
         #: per receiver: what it accepted before (the controls' "accepted before")
         self.histories: dict[str, ReceiverHistory] = {}
         self._groups: dict[tuple[str, ...], _Group] = {}
-        self.domains = DomainBook(s.catch_all_ttl, clock, probe_postmaster=s.probe_postmaster, rng=self.rng)
+        self.domains = domains or DomainBook(s.catch_all_ttl, clock, probe_postmaster=s.probe_postmaster,
+                                             rng=self.rng)
         #: accepted recipients waiting for their domain's catch-all finding
         self._ca_waiters: dict[str, asyncio.Future[None]] = {}
-        self._global = _Gate(self.capacity.cap)
+        #: sessions on the wire at once (shared when several verifiers run in one worker)
+        self._global = session_slots or SessionGate(self.capacity.cap)
         self._out: asyncio.Queue[Verdict] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
@@ -485,6 +508,10 @@ class Verifier:
                 del self.histories[next(iter(self.histories))]
         return h
 
+    def adopt_limiter(self, receiver: str, lim: HostLimiter) -> None:
+        """Use ``lim`` for ``receiver`` (a fleet worker continuing a previous owner's state)."""
+        self._limiters[receiver] = lim
+
     async def _run_group(self, g: _Group, inflight: dict[str, Recipient]) -> None:
         try:
             await self._group_loop(g, inflight)
@@ -498,9 +525,14 @@ class Verifier:
     async def _group_loop(self, g: _Group, inflight: dict[str, Recipient]) -> None:
         q = g.q
         lim = self.limiter(q)
+        gate = self.gate
         while q.has_work:
             if self._draining:  # stopping: nothing new starts; those in progress finish
                 q.drain()
+            if gate is not None and not gate(q.receiver):
+                self._apply(handed_over(q.drain(), self.domains, self.settings), inflight)
+                if not q.running:
+                    break
             act = decide(q, lim, self.pool, self.domains, self.clock())
             if isinstance(act, Start):
                 self._spawn(self._session(g, lim, act, inflight))
@@ -520,9 +552,14 @@ class Verifier:
         q = g.q
         unknowns = 0
         try:
+            if self.before_session is not None and not await self.before_session(q.receiver, act.chunk):
+                self._apply(handed_over(act.chunk, self.domains, self.settings), inflight)
+                return
+            gate = self.wire_gate
             await self._global.acquire()
             try:
-                res = await self.prober.run(q.mx, act.chunk, act.reserve, act.source)
+                res = await self.prober.run(q.mx, act.chunk, act.reserve, act.source,
+                                            gate=(lambda: gate(q.receiver)) if gate is not None else None)
             finally:
                 self._global.release()
             now = self.clock()

@@ -8,9 +8,11 @@ Opted-out MX hosts are never connected to, even if they were opted out after pla
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .courtesy.exemptions import ExemptionRegistry
 from .courtesy.pool import Source
@@ -23,6 +25,37 @@ from .smtp.classify import Outcome, classify
 from .smtp.client import Opener, SessionResult, run_session
 from .smtp.failover import FailoverLimits, FailoverPlan
 from .smtp.session import ProbeSession
+
+
+class _GatedWriter:
+    """A stream writer that writes nothing once ``gate()`` says no (fencing on the wire)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, gate: Callable[[], bool]) -> None:
+        self._w = writer
+        self._gate = gate
+
+    def write(self, data: bytes) -> None:
+        if not self._gate():
+            raise ConnectionResetError("ownership of the receiver lost: nothing more is sent")
+        self._w.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._w, name)
+
+
+def gated(opener: Opener | None, gate: Callable[[], bool]) -> Opener:
+    """An opener whose connections send nothing once ``gate()`` is false: a worker that
+    stalled past its lease (SIGSTOP, a long GC, a frozen VM) and wakes up mid-session does not
+    send one more command to the receiver, whatever its event loop was about to do."""
+    open_ = opener or asyncio.open_connection
+
+    async def op(*args: Any, **kw: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if not gate():
+            raise ConnectionRefusedError("ownership of the receiver lost: not connecting")
+        reader, writer = await open_(*args, **kw)
+        return reader, _GatedWriter(writer, gate)  # type: ignore[return-value]
+
+    return op
 
 
 class Prober:
@@ -49,12 +82,13 @@ class Prober:
             op = self._openers[src.key] = socks_opener(src.proxy)
         return op
 
-    async def run(self, mx: MxResult, chunk: list[Recipient], budget: int, src: Source) -> SessionResult:
+    async def run(self, mx: MxResult, chunk: list[Recipient], budget: int, src: Source, *,
+                  gate: Callable[[], bool] | None = None) -> SessionResult:
         """One session asking ``chunk`` from ``src`` (at most ``budget`` unknown answers),
         failing over along the MX list, bounded like Postfix (see :mod:`sounding.smtp.failover`):
         at most ``mx_address_limit`` addresses, ``mx_session_limit`` sessions and
-        ``mx_deadline`` seconds. Raises :class:`ConnectFailed` only when every MX
-        address is opted out."""
+        ``mx_deadline`` seconds. With ``gate``, nothing is sent once it turns false.
+        Raises :class:`ConnectFailed` only when every MX address is opted out."""
         s = self.settings
         res: SessionResult | None = None
         exempt = frozenset(j.rcpt for j in chunk if j.kind == "postmaster")
@@ -63,6 +97,9 @@ class Prober:
             s.mx_address_limit, s.mx_session_limit, s.mx_deadline), self.clock(),
             # opted out since the domain was planned: never connect
             skip=(lambda host, ip: reg.mx_exempt(host, [ip]) is not None) if reg else None)
+        opener = self.opener_for(src)
+        if gate is not None:
+            opener = gated(opener, gate)
         while (target := plan.next(self.clock())) is not None:
             host_name, ip = target
             sess = ProbeSession(
@@ -74,7 +111,7 @@ class Prober:
             timeouts = dataclasses.replace(
                 s.timeouts, session=min(s.timeouts.session, plan.time_left(self.clock())))
             res = await run_session(sess, host_name, ip, s.smtp_port, source_ip=src.bind_ip,
-                                    timeouts=timeouts, opener=self.opener_for(src))
+                                    timeouts=timeouts, opener=opener)
             plan.record(res.connected or bool(res.outcome.protocol_error))
             if src.proxy is not None:  # what the receiver saw, credentials never shown
                 scheme, _, rest = src.proxy.partition("://")

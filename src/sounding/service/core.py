@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..address import parse_address
 from ..courtesy.exemptions import Exemption, ExemptionRegistry, Kind, parse_entry, proof_name, proof_text
@@ -37,6 +37,9 @@ from ..verdict import Evidence, Reason, Status, Verdict, unparseable
 from .dispatch import Dispatcher
 from .transcripts import mask_line, pair_commands, rcpt_domain
 from .uploads import Spooled
+
+if TYPE_CHECKING:
+    from ..runner.fleet import FleetClient
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,15 @@ class Service:
         self._flush_lock = asyncio.Lock()
         self._key_jobs: dict[str, set[str]] = defaultdict(set)
         self._pool_saved = ""
+        #: on PostgreSQL, work runs on the fleet (procrastinate; see runner.fleet): this
+        #: process enqueues, and with ``worker`` also runs a fleet worker
+        self.fleet: FleetClient | None = None
+        self._fleet_stop = asyncio.Event()
+        self._fleet_task: asyncio.Task[None] | None = None
+        if store.dialect == "postgresql":
+            from ..runner.fleet import FleetClient
+
+            self.fleet = FleetClient(settings, store)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -153,10 +165,26 @@ class Service:
         await self.refresh_exemptions()
         await self.dispatcher.start()
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="sounding-housekeeping"))
-        if self.run_worker:
+        if self.fleet is not None:
+            await self.fleet.start()
+            if self.run_worker:
+                from ..runner.fleet import FleetWorker
+
+                fw = FleetWorker(self.settings, self.store)
+                self._fleet_stop.clear()
+                self._fleet_task = asyncio.create_task(fw.run(self._fleet_stop), name="sounding-fleet-worker")
+        elif self.run_worker:
             self._tasks.append(asyncio.create_task(self._worker(), name="sounding-worker"))
 
     async def stop(self) -> None:
+        if self._fleet_task is not None:  # hand the receivers over, then stop
+            self._fleet_stop.set()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._fleet_task, 60)
+            self._fleet_task = None
+        if self.fleet is not None:
+            with contextlib.suppress(Exception):
+                await self.fleet.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -315,6 +343,12 @@ class Service:
             hit = (await self.store.cached([key])).get(key)
             if hit is not None:
                 return Verdict.from_dict(hit), True
+        if self.fleet is not None:  # its receiver's owner asks; the verdict comes back stored
+            got = await self.fleet.verify(key, fresh=not use_cache, timeout=self.settings.max_wait + 60)
+            if got is None:
+                return Verdict(address, Status.UNKNOWN, Reason.TIMEOUT,
+                               evidence=Evidence(detail="no verdict in time"), retry_after=300.0), False
+            return Verdict.from_dict(got), False
         fut = self.dispatcher.submit(address)
         try:
             v = await asyncio.wait_for(asyncio.shield(fut), self.settings.max_wait + 60)
@@ -333,7 +367,7 @@ class Service:
         await self.store.charge(client, len(parsed.rows), self.settings.daily_quota)
         job = await self.store.create_job(client.id, filename, parsed.fmt, parsed.header, parsed.email_column,
                                           parsed.rows)
-        self._wake.set()
+        await self.job_ready(job.id)
         return job
 
     async def submit_upload(self, client: Client, upload: Spooled, *, column: str | None = None,
@@ -363,8 +397,15 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.store.discard_upload(jid)
             raise
-        self._wake.set()
+        await self.job_ready(job.id)
         return job
+
+    async def job_ready(self, job_id: str) -> None:
+        """A stored job may run: the fleet plans it, or the in-process worker wakes."""
+        if self.fleet is not None:
+            await self.fleet.job_submitted(job_id)
+        else:
+            self._wake.set()
 
     async def _worker(self) -> None:
         """Claim jobs and run up to ``JOBS_AT_ONCE`` of them side by side (so one big list does

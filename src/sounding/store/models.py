@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -77,7 +77,7 @@ class JobRow(Base):
     done_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_job_rows_pending", "job_id", "done_at", "key"),
-                      Index("ix_job_rows_key", "job_id", "key"))
+                      Index("ix_job_rows_key", "job_id", "key"), Index("ix_job_rows_key_only", "key"))
 
 
 class CachedVerdict(Base):
@@ -161,3 +161,46 @@ class KeyValue(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated: Mapped[float] = mapped_column(Float)
+
+
+# ---------------------------------------------------------------------------- fleet (PostgreSQL)
+class ReceiverLease(Base):
+    """Who owns a receiver, fleet-wide: a lease with a fencing token that only ever grows.
+    Also the receiver's shared courtesy state (pause, limiter) — merged per receiver."""
+
+    __tablename__ = "receivers"
+    receiver: Mapped[str] = mapped_column(String(300), primary_key=True)
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # the database's clock
+    limiter: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    paused_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    paused_why: Mapped[str] = mapped_column(Text, default="")
+    declined: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # workers without a usable source
+    updated: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class WorkItem(Base):
+    """An address waiting for its receiver's owner (one row per address, whatever the jobs)."""
+
+    __tablename__ = "work"
+    key: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    receiver: Mapped[str] = mapped_column(String(300), index=True)
+    fresh: Mapped[bool] = mapped_column(Boolean, default=False)  # do not answer from the cache
+    created: Mapped[float] = mapped_column(Float)
+    #: the fencing token of the owner whose session has it on the wire, and since when
+    inflight_token: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    inflight_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class CourtesyPair(Base):
+    """Our standing with one receiver from one source (quarantine, ban, last use)."""
+
+    __tablename__ = "courtesy_pairs"
+    source: Mapped[str] = mapped_column(String(300), primary_key=True)
+    receiver: Mapped[str] = mapped_column(String(300), primary_key=True)
+    rep: Mapped[str] = mapped_column(String(16), default="healthy")
+    until: Mapped[float] = mapped_column(Float, default=0.0)
+    blocks: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    last_used: Mapped[float | None] = mapped_column(Float, nullable=True)

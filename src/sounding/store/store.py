@@ -366,10 +366,13 @@ class Store:
         return None
 
     async def renew(self, job_id: str, owner: str, lease: float) -> str | None:
-        """Extend the lease; returns the job's state (None if it is gone or not ours)."""
+        """Extend the lease; returns the job's state, or None if it is gone or no longer ours
+        (another worker claimed it after our lease expired): the caller must stop."""
         async with self._writing() as s:
-            await s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-                            .values(lease_until=time.time() + lease))
+            res = await s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                                  .values(lease_until=time.time() + lease))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return None
             return (await s.execute(select(Job.state).where(Job.id == job_id))).scalar_one_or_none()
 
     async def pending_keys(self, job_id: str, after: str = "", limit: int = 1000) -> list[str]:
@@ -480,11 +483,15 @@ class Store:
         """Record domain -> (MX host, catch-all) for ``ttl`` seconds, in one transaction."""
         now = time.time()
         async with self._writing() as s:
-            for domain, (mx_host, catch_all) in seen.items():
-                ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
-                                                      checked_at=now, expires_at=now + ttl)
-                await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
-                    "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
+            await self._note_domains(s, seen, ttl, now)
+
+    async def _note_domains(self, s: AsyncSession, seen: dict[str, tuple[str | None, bool | None]], ttl: float,
+                            now: float) -> None:
+        for domain, (mx_host, catch_all) in seen.items():
+            ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
+                                                  checked_at=now, expires_at=now + ttl)
+            await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
+                "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
 
     # ------------------------------------------------------------------ exemptions
     async def exemptions(self, state: str | None = None) -> list[ExemptionRow]:

@@ -1,0 +1,310 @@
+"""The fleet's shared state in PostgreSQL: receiver leases with fencing tokens, the work
+table, and the courtesy rows every worker merges (per receiver and per source).
+
+Ownership is a lease row per receiver, not an advisory lock: taking it increments a
+*fencing token* that only ever grows, and every write a worker makes about the receiver
+(verdicts, in-flight marks, courtesy state) checks, in the same transaction and under a row
+lock, that the row still holds the worker's token and name. A worker that stalled past its
+lease therefore cannot write late, whatever its own clock thinks (see docs in the closing
+note: an advisory lock lives on one connection and says nothing about the writes made on
+others, nor after the connection is silently lost).
+
+Times that decide ownership come from the database's clock (``clock_timestamp()``), so
+workers on machines with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select, text, update
+
+from ..errors import StoreError
+from .models import CachedVerdict, CourtesyPair, Job, JobRow, ReceiverLease, WorkItem
+from .store import ACTIVE, Store
+
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+class Fenced(StoreError):
+    """This worker no longer owns the receiver: its write was refused."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Ownership of one receiver: the fencing token and the database time it ends."""
+
+    receiver: str
+    owner: str
+    token: int
+    until: float
+
+
+@dataclass(frozen=True)
+class ReceiverState:
+    """The shared courtesy state of a receiver, loaded when ownership is taken."""
+
+    limiter: dict[str, Any] | None
+    paused_until: float | None
+    paused_why: str
+    pairs: list[dict[str, Any]]
+    #: (key, token, since) of recipients a previous owner had on the wire
+    inflight: list[tuple[str, int, float]]
+    declined: list[str]
+
+
+class FleetStore:
+    """Fleet operations on a PostgreSQL :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        if store.dialect != "postgresql":
+            raise StoreError("the fleet runner needs PostgreSQL (--db postgresql://...)")
+        self.store = store
+        self.session = store.session
+
+    # ------------------------------------------------------------------ ownership
+    async def take(self, receiver: str, owner: str, lease: float) -> Lease | None:
+        """Become the receiver's owner if nobody holds a live lease (or we do already);
+        the fencing token grows by one. None when another worker owns it."""
+        async with self.session() as s, s.begin():
+            await s.execute(text(
+                "INSERT INTO receivers (receiver, token, paused_why, updated) VALUES (:r, 0, '', 0) "
+                "ON CONFLICT (receiver) DO NOTHING"), {"r": receiver})
+            row = (await s.execute(text(
+                f"UPDATE receivers SET token = token + 1, owner = :o, lease_until = {_NOW} + :l "
+                f"WHERE receiver = :r AND (owner IS NULL OR owner = :o OR lease_until IS NULL "
+                f"OR lease_until < {_NOW}) RETURNING token, lease_until"),
+                {"r": receiver, "o": owner, "l": lease})).first()
+        if row is None:
+            return None
+        return Lease(receiver, owner, int(row[0]), float(row[1]))
+
+    async def renew(self, lease: Lease, seconds: float, *, limiter: dict[str, Any] | None = None,
+                    pairs: Sequence[dict[str, Any]] = (), paused: tuple[float, str] | None = None) -> Lease:
+        """Extend a live lease (saving the receiver's courtesy state with it); raises
+        :class:`Fenced` when it ran out or another worker took the receiver."""
+        async with self.session() as s, s.begin():
+            row = (await s.execute(text(
+                f"UPDATE receivers SET lease_until = {_NOW} + :l WHERE receiver = :r AND token = :t "
+                f"AND owner = :o AND lease_until >= {_NOW} RETURNING lease_until"),
+                {"r": lease.receiver, "t": lease.token, "o": lease.owner, "l": seconds})).first()
+            if row is None:
+                raise Fenced(f"lease on {lease.receiver} lost (token {lease.token})")
+            await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
+        return Lease(lease.receiver, lease.owner, lease.token, float(row[0]))
+
+    async def release(self, lease: Lease, *, limiter: dict[str, Any] | None = None,
+                      pairs: Sequence[dict[str, Any]] = (), paused: tuple[float, str] | None = None,
+                      declined: bool = False) -> bool:
+        """Give the receiver up (drain, shutdown, no usable source); False if it was not ours."""
+        async with self.session() as s, s.begin():
+            if not await self._fence(s, lease):
+                return False
+            await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
+            cur = (await s.execute(select(ReceiverLease.declined).where(
+                ReceiverLease.receiver == lease.receiver))).scalar_one_or_none() or []
+            await s.execute(update(ReceiverLease).where(ReceiverLease.receiver == lease.receiver).values(
+                owner=None, lease_until=None,
+                declined=sorted(set(cur) | {lease.owner}) if declined else [],
+            ))
+        return True
+
+    async def _fence(self, s: Any, lease: Lease) -> bool:
+        """Lock the receiver's row; True if it still holds our token and name."""
+        row = (await s.execute(select(ReceiverLease.token, ReceiverLease.owner).where(
+            ReceiverLease.receiver == lease.receiver).with_for_update())).first()
+        return row is not None and int(row[0]) == lease.token and row[1] == lease.owner
+
+    async def state(self, receiver: str) -> ReceiverState:
+        """The receiver's shared courtesy state and a previous owner's in-flight recipients."""
+        async with self.session() as s:
+            r = (await s.execute(select(ReceiverLease).where(ReceiverLease.receiver == receiver))).scalar_one_or_none()
+            pairs = (await s.execute(select(CourtesyPair).where(CourtesyPair.receiver == receiver))).scalars().all()
+            infl = (await s.execute(select(WorkItem.key, WorkItem.inflight_token, WorkItem.inflight_at).where(
+                WorkItem.receiver == receiver, WorkItem.inflight_token.is_not(None)))).all()
+        return ReceiverState(
+            r.limiter if r else None, r.paused_until if r else None, r.paused_why if r else "",
+            [{"source": p.source, "receiver": p.receiver, "rep": p.rep, "until": p.until, "blocks": p.blocks,
+              "detail": p.detail, "last_used": p.last_used} for p in pairs],
+            [(k, int(t), float(a or 0.0)) for k, t, a in infl if t is not None], list(r.declined or []) if r else [])
+
+    async def _save_courtesy(self, s: Any, receiver: str, limiter: dict[str, Any] | None,
+                             pairs: Sequence[dict[str, Any]], paused: tuple[float, str] | None) -> None:
+        now = time.time()
+        vals: dict[str, Any] = {"updated": now}
+        if limiter is not None:
+            vals["limiter"] = limiter
+        if paused is not None:
+            vals["paused_until"], vals["paused_why"] = paused[0], paused[1][:300]
+        await s.execute(update(ReceiverLease).where(ReceiverLease.receiver == receiver).values(**vals))
+        for p in pairs:
+            ins = self.store._insert(CourtesyPair).values(
+                source=p["source"], receiver=receiver, rep=p["rep"], until=p["until"], blocks=p["blocks"],
+                detail=p["detail"][:300], last_used=p.get("last_used"))
+            # merged, not overwritten: the later block, the longer sentence, the union of offences
+            await s.execute(ins.on_conflict_do_update(index_elements=["source", "receiver"], set_={
+                "rep": text("CASE WHEN excluded.until >= courtesy_pairs.until THEN excluded.rep "
+                            "ELSE courtesy_pairs.rep END"),
+                "until": text("GREATEST(excluded.until, courtesy_pairs.until)"),
+                "blocks": ins.excluded.blocks, "detail": ins.excluded.detail,
+                "last_used": text("GREATEST(excluded.last_used, courtesy_pairs.last_used)")}))
+
+    # ------------------------------------------------------------------ work
+    async def add_work(self, items: Iterable[tuple[str, str]], *, fresh: bool = False) -> set[str]:
+        """Queue (address key, receiver) pairs; one row per address whatever the jobs asking.
+        Returns the receivers that got work."""
+        now = time.time()
+        rcv: set[str] = set()
+        rows = [{"key": k, "receiver": r, "fresh": fresh, "created": now} for k, r in items]
+        if not rows:
+            return rcv
+        async with self.session() as s, s.begin():
+            for i in range(0, len(rows), 1000):
+                ins = self.store._insert(WorkItem).values(rows[i:i + 1000])
+                if fresh:
+                    ins = ins.on_conflict_do_update(index_elements=["key"], set_={"fresh": True})
+                else:
+                    ins = ins.on_conflict_do_nothing(index_elements=["key"])
+                await s.execute(ins)
+        rcv.update(str(r["receiver"]) for r in rows)
+        return rcv
+
+    async def pending(self, receiver: str, exclude: set[str], limit: int = 500) -> list[tuple[str, bool]]:
+        """The receiver's waiting addresses (key, fresh), oldest first, minus ``exclude``."""
+        async with self.session() as s:
+            rows = (await s.execute(select(WorkItem.key, WorkItem.fresh).where(
+                WorkItem.receiver == receiver).order_by(WorkItem.created, WorkItem.key)
+                .limit(limit + len(exclude)))).all()
+        return [(k, bool(f)) for k, f in rows if k not in exclude][:limit]
+
+    async def receivers_with_work(self) -> list[str]:
+        """Receivers with waiting addresses and no live owner (recovery after a death)."""
+        async with self.session() as s:
+            rows = (await s.execute(text(
+                "SELECT DISTINCT w.receiver FROM work w LEFT JOIN receivers r ON r.receiver = w.receiver "
+                f"WHERE r.receiver IS NULL OR r.owner IS NULL OR r.lease_until < {_NOW}"))).all()
+        return [str(r[0]) for r in rows]
+
+    async def unplanned_jobs(self, older_than: float) -> list[str]:
+        """Active jobs with rows that are neither answered nor queued (their planning died)."""
+        async with self.session() as s:
+            rows = (await s.execute(text(
+                "SELECT j.id FROM jobs j WHERE j.state IN ('queued', 'running') AND j.created_at < :t "
+                "AND EXISTS (SELECT 1 FROM job_rows r WHERE r.job_id = j.id AND r.done_at IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM work w WHERE w.key = r.key))"),
+                {"t": time.time() - older_than})).all()
+        return [str(r[0]) for r in rows]
+
+    async def mark_inflight(self, lease: Lease, keys: Sequence[str]) -> bool:
+        """Record that these recipients are about to go on the wire; False (and nothing
+        written) when the lease is no longer ours — the session must not start."""
+        async with self.session() as s, s.begin():
+            if not await self._fence(s, lease):
+                return False
+            await s.execute(update(WorkItem).where(WorkItem.key.in_(list(keys))).values(
+                inflight_token=lease.token, inflight_at=time.time()))
+        return True
+
+    async def record(self, lease: Lease, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float], *,
+                     domains: dict[str, tuple[str | None, bool | None]] | None = None, domain_ttl: float = 0.0,
+                     limiter: dict[str, Any] | None = None, pairs: Sequence[dict[str, Any]] = (),
+                     paused: tuple[float, str] | None = None) -> int:
+        """Fenced: store verdicts into every job's rows still empty for those addresses, the
+        verdict cache, the domains' findings and the receiver's courtesy state; the work is
+        done. Raises :class:`Fenced` (writing nothing) when the lease is no longer ours."""
+        now = time.time()
+        n = 0
+        async with self.session() as s, s.begin():
+            if not await self._fence(s, lease):
+                raise Fenced(f"lease on {lease.receiver} lost (token {lease.token}): {len(results)} verdicts refused")
+            per_job: dict[str, int] = {}
+            for key, v in results:
+                res = await s.execute(update(JobRow).where(JobRow.key == key, JobRow.done_at.is_(None)).values(
+                    status=v["status"], reason=v["reason"], result=v, done_at=now).returning(JobRow.job_id))
+                for (jid,) in res.all():
+                    per_job[jid] = per_job.get(jid, 0) + 1
+                    n += 1
+            if ttl:
+                await self.store._cache(s, [(k, v) for k, v in results if k in ttl], ttl, now)
+            keys = [k for k, _ in results]
+            for i in range(0, len(keys), 1000):
+                await s.execute(delete(WorkItem).where(WorkItem.key.in_(keys[i:i + 1000]),
+                                                       WorkItem.receiver == lease.receiver))
+            for jid, c in per_job.items():
+                await s.execute(update(Job).where(Job.id == jid).values(done=Job.done + c))
+            if per_job:
+                await s.execute(update(Job).where(Job.id.in_(list(per_job)), Job.state.in_(ACTIVE),
+                                                  Job.done >= Job.total).values(
+                    state="done", finished_at=now, lease_owner=None, lease_until=None))
+            if domains:
+                await self.store._note_domains(s, domains, domain_ttl, now)
+            await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
+        return n
+
+    async def record_unfenced(self, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float]) -> int:
+        """Verdicts no receiver was asked for (cache hits, syntax): same rules, no lease."""
+        now = time.time()
+        n = 0
+        async with self.session() as s, s.begin():
+            per_job: dict[str, int] = {}
+            for key, v in results:
+                res = await s.execute(update(JobRow).where(JobRow.key == key, JobRow.done_at.is_(None)).values(
+                    status=v["status"], reason=v["reason"], result=v, done_at=now).returning(JobRow.job_id))
+                for (jid,) in res.all():
+                    per_job[jid] = per_job.get(jid, 0) + 1
+                    n += 1
+            if ttl:
+                await self.store._cache(s, [(k, v) for k, v in results if k in ttl], ttl, now)
+            keys = [k for k, _ in results]
+            for i in range(0, len(keys), 1000):
+                await s.execute(delete(WorkItem).where(WorkItem.key.in_(keys[i:i + 1000])))
+            for jid, c in per_job.items():
+                await s.execute(update(Job).where(Job.id == jid).values(done=Job.done + c))
+        return n
+
+    async def finish_complete_jobs(self, job_ids: Sequence[str] | None = None) -> None:
+        """Jobs whose every row has a verdict are done."""
+        now = time.time()
+        q = update(Job).where(Job.state.in_(ACTIVE), Job.done >= Job.total)
+        if job_ids is not None:
+            q = q.where(Job.id.in_(list(job_ids)))
+        async with self.session() as s, s.begin():
+            await s.execute(q.values(state="done", finished_at=now, lease_owner=None, lease_until=None))
+
+    async def job_keys(self, job_id: str) -> list[str]:
+        """The job's distinct addresses still without a verdict (marks the job running)."""
+        now = time.time()
+        async with self.session() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
+                state="running", started_at=now))
+            return list((await s.execute(select(JobRow.key).where(
+                JobRow.job_id == job_id, JobRow.done_at.is_(None)).group_by(JobRow.key))).scalars())
+
+    async def cached_since(self, keys: Sequence[str], since: float) -> dict[str, dict[str, Any]]:
+        """Cached verdicts checked at or after ``since`` (a fresh answer to a request)."""
+        if not keys:
+            return {}
+        async with self.session() as s:
+            rows = (await s.execute(select(CachedVerdict.key, CachedVerdict.result).where(
+                CachedVerdict.key.in_(list(keys)), CachedVerdict.checked_at >= since))).all()
+        return {k: v for k, v in rows}
+
+    async def prune(self) -> dict[str, int]:
+        """Expired cache rows and leases of receivers without work."""
+        now = time.time()
+        out: dict[str, int] = {}
+        async with self.session() as s, s.begin():
+            r = await s.execute(delete(CachedVerdict).where(CachedVerdict.expires_at < now))
+            out["verdict_cache"] = int(r.rowcount or 0)  # type: ignore[attr-defined]
+            r = await s.execute(text(
+                f"DELETE FROM receivers r WHERE (r.owner IS NULL OR r.lease_until < {_NOW}) "
+                "AND r.updated < :old AND NOT EXISTS (SELECT 1 FROM work w WHERE w.receiver = r.receiver) "
+                "AND (r.paused_until IS NULL OR r.paused_until < :now)"), {"old": now - 7 * 86400, "now": now})
+            out["receivers"] = int(r.rowcount or 0)  # type: ignore[attr-defined]
+            r = await s.execute(delete(CourtesyPair).where(CourtesyPair.until < now - 30 * 86400,
+                                                           CourtesyPair.last_used < now - 86400))
+            out["courtesy_pairs"] = int(r.rowcount or 0)  # type: ignore[attr-defined]
+        return out
