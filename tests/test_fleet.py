@@ -82,7 +82,7 @@ def fleet_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         stop_process(proc, signal.SIGINT)
 
 
-ENV = {"SOUNDING_UNKNOWN_RCPT_WINDOW": str(WINDOW), "SOUNDING_MAX_WAIT": "60"}
+ENV = {"SOUNDING_UNKNOWN_RCPT_WINDOW": str(WINDOW), "SOUNDING_MAX_WAIT": "60", "SOUNDING_SESSION_TIMEOUT": "20"}
 
 
 def _worker(world: dict[str, Any], db: str, ip: str, state: Path) -> subprocess.Popen[str]:

@@ -453,8 +453,11 @@ class FleetWorker:
             d["unknown_ages"] = [float(a) + shift for a in d.get("unknown_ages", [])]
             d["backoff_left"] = max(0.0, float(d.get("backoff_left", 0.0)) - shift)
             lim.load_dict(d)
+        # A previous owner's connection lasts at most its session deadline while it runs; a
+        # killed one is closed by its kernel, a stalled one sends nothing when it wakes (the
+        # gated writer) — only a stall longer than this leaves an idle connection open.
         t = self.settings.timeouts
-        longest = t.session * max(1, self.settings.mx_session_limit) + t.connect
+        longest = t.session + t.connect
         now = time.monotonic()
         sessions: dict[float, int] = {}
         for _key, _tok, at in inflight:
