@@ -240,11 +240,16 @@ def test_three_workers_behave_as_one_client(fleet_world: dict[str, Any], fleet_d
         fleet.close()
 
 
+#: how long after a session ends its verdicts may still be on their way to the database
+STORE_LATENCY = 2.0
+
+
 def _open_at(sessions: list[LoggedSession], ip: str, t: float) -> set[str]:
-    """Recipients of ``ip``'s sessions open at ``t`` (on the wire when it was killed/stopped)."""
+    """Recipients in flight from ``ip`` at ``t`` (killed/stopped then): on the wire, or answered
+    so shortly before that their verdicts were not stored yet."""
     out = set()
     for s in sessions:
-        if s.client == ip and s.start <= t and (s.end is None or s.end >= t):
+        if s.client == ip and s.start <= t and (s.end is None or s.end >= t - STORE_LATENCY):
             out |= {a.lower() for a, _ in s.rcpts}
     return out
 

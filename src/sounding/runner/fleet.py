@@ -557,7 +557,7 @@ class FleetWorker:
                 if item is None:
                     break
                 batch = [item]
-                await asyncio.sleep(0.05)  # the rest of this session's verdicts
+                await asyncio.sleep(0.01)  # the rest of this session's verdicts (emitted together)
                 while not out.empty():
                     nxt = out.get_nowait()
                     if nxt is None:
