@@ -1,0 +1,143 @@
+"""The fleet's shared state on a real PostgreSQL: leases with fencing tokens, fenced writes,
+one work item per address whatever the jobs, courtesy rows merged — and a service on
+PostgreSQL answering single verifications and jobs through its receivers' owner."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from sounding.sandbox import Sandbox
+from sounding.store import Store
+from sounding.store.fleet import Fenced, FleetStore
+from sounding.store.models import CourtesyPair, JobRow, WorkItem
+
+from .conftest import sandbox_settings
+
+
+@pytest.fixture
+def pg_db(pg_url: str) -> Iterator[str]:
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    yield pg_url
+
+
+@pytest.fixture
+async def fleet(pg_db: str) -> AsyncIterator[FleetStore]:
+    st = await Store.open(pg_db)
+    try:
+        yield FleetStore(st)
+    finally:
+        await st.close()
+
+
+def _v(addr: str, status: str = "deliverable", reason: str = "accepted") -> dict[str, Any]:
+    return {"address": addr, "status": status, "reason": reason}
+
+
+async def test_a_lease_is_fenced_once_another_worker_took_it(fleet: FleetStore) -> None:
+    a = await fleet.take("mx.a.example", "wA", 30)
+    assert a is not None and a.token == 1
+    assert await fleet.take("mx.a.example", "wB", 30) is None  # a live owner holds it
+    # wA stalls past its lease: wB takes over with a greater token
+    async with fleet.session() as s, s.begin():
+        await s.execute(text("UPDATE receivers SET lease_until = 0"))
+    b = await fleet.take("mx.a.example", "wB", 30)
+    assert b is not None and b.token == 2
+    # wA wakes up: it can neither renew, nor mark recipients in flight, nor store a verdict
+    with pytest.raises(Fenced):
+        await fleet.renew(a, 30)
+    assert await fleet.mark_inflight(a, ["x@a.example"]) is False
+    st = fleet.store
+    c, _ = await st.create_client("acme")
+    job = await st.create_job(c.id, "l.csv", "csv", ["email"], "email",
+                              [(1, ["x@a.example"], "x@a.example", "x@a.example", "", None)])
+    await fleet.add_work([("x@a.example", "mx.a.example")])
+    with pytest.raises(Fenced):
+        await fleet.record(a, [("x@a.example", _v("x@a.example"))], {"x@a.example": 60})
+    async with st.session() as s:
+        assert (await s.execute(select(JobRow.status))).scalars().all() == [None]
+        assert (await s.execute(select(WorkItem.key))).scalars().all() == ["x@a.example"]
+    assert await st.cached(["x@a.example"]) == {}
+    # the owner's write goes through, for the job and the cache, and the work is done
+    assert await fleet.mark_inflight(b, ["x@a.example"]) is True
+    assert await fleet.record(b, [("x@a.example", _v("x@a.example"))], {"x@a.example": 60}) == 1
+    assert (await st.progress(job)).job.state == "done"
+    assert await fleet.pending("mx.a.example", set()) == []
+    assert await fleet.release(b) is True
+    assert await fleet.release(a) is False
+
+
+async def test_an_address_in_two_jobs_is_one_work_item_answered_in_both(fleet: FleetStore) -> None:
+    st = fleet.store
+    c, _ = await st.create_client("acme")
+    rows = [(1, ["y@b.example"], "y@b.example", "y@b.example", "", None)]
+    j1 = await st.create_job(c.id, "1.csv", "csv", ["email"], "email", rows)
+    j2 = await st.create_job(c.id, "2.csv", "csv", ["email"], "email", rows)
+    for jid in (j1.id, j2.id):
+        await fleet.add_work([(k, "mx.b.example") for k in await fleet.job_keys(jid)])
+    assert await fleet.pending("mx.b.example", set()) == [("y@b.example", False)]
+    lease = await fleet.take("mx.b.example", "w", 30)
+    assert lease is not None
+    assert await fleet.record(lease, [("y@b.example", _v("y@b.example"))], {}) == 2
+    assert {(await st.progress(j)).job.state for j in (j1, j2)} == {"done"}
+
+
+async def test_courtesy_rows_merge_instead_of_last_writer_wins(fleet: FleetStore) -> None:
+    lease = await fleet.take("mx.c.example", "w", 30)
+    assert lease is not None
+    now = time.time()
+    ban = {"source": "192.0.2.1", "rep": "banned", "until": now + 86400 * 365, "blocks": [now - 10, now],
+           "detail": "554 banned", "last_used": now}
+    lease = await fleet.renew(lease, 30, pairs=[ban], paused=(now + 3600, "blocked twice"),
+                              limiter={"limit": 1, "saved_at": now})
+    # a later write with an older, shorter sentence does not shorten the ban
+    stale = dict(ban, rep="cooling", until=now + 60, last_used=now - 100)
+    await fleet.renew(lease, 30, pairs=[stale])
+    st = await fleet.state("mx.c.example")
+    assert st.paused_until and st.paused_until > now and st.paused_why == "blocked twice"
+    assert st.limiter == {"limit": 1, "saved_at": now}
+    async with fleet.session() as s:
+        row = (await s.execute(select(CourtesyPair))).scalar_one()
+    assert (row.rep, row.until, row.last_used) == ("banned", ban["until"], now)
+
+
+# ---------------------------------------------------------------------------- the service
+@pytest.fixture
+async def pg_service(world_sandbox: Sandbox, pg_db: str) -> AsyncIterator[Any]:
+    import httpx
+
+    from sounding.service import create_app
+
+    app = create_app(sandbox_settings(world_sandbox, db_url=pg_db))
+    async with app.router.lifespan_context(app):
+        st: Store = app.state.store
+        key = (await st.create_client("acme"))[1]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            yield http, {"X-API-Key": key}, world_sandbox
+
+
+async def test_service_on_postgresql_runs_on_the_fleet(pg_service: Any) -> None:
+    import asyncio
+
+    http, h, sb = pg_service
+    r = await http.post("/v1/verify", json={"email": "alice@honest.example"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["cached"]) == ("deliverable", False)
+    body = "email\nbob@honest.example\nnobody1@honest.example\nalice@honest.example\n"
+    job = (await http.post("/v1/jobs", files={"file": ("l.csv", body.encode())}, headers=h)).json()
+    for _ in range(300):
+        p = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
+        if p["state"] not in ("queued", "running"):
+            break
+        await asyncio.sleep(0.1)
+    assert p["state"] == "done" and p["by_status"] == {"deliverable": 2, "undeliverable": 1}, p
+    asked = [a for s in sb.log.sessions() for a, _ in s.rcpts if a == "alice@honest.example"]
+    assert asked == ["alice@honest.example"]  # the job took alice's verdict from the cache
