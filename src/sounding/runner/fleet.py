@@ -325,6 +325,13 @@ class FleetWorker:
         """Receivers with waiting work and no live owner (a worker died) get an owner again;
         jobs whose planning died with its worker are planned again."""
         await defer_own(self.app, await self.fleet.receivers_with_work())
+        with contextlib.suppress(Exception):  # tasks of dead workers: their receivers were just recovered
+            from procrastinate.jobs import Status as JobStatus
+
+            for job in await self.app.job_manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=60):
+                if job.id is not None:
+                    await self.app.job_manager.finish_job_by_id_async(job.id, status=JobStatus.FAILED,
+                                                                      delete_job=False)
         for job_id in await self.fleet.unplanned_jobs(older_than=15.0):
             with contextlib.suppress(AlreadyEnqueued):
                 await self.app.tasks["sounding.plan"].configure(queueing_lock=f"plan:{job_id}").defer_async(
