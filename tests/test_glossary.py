@@ -34,3 +34,8 @@ def test_transcript_masks_every_local_part_and_counts_from_zero() -> None:
     assert [r[1] for r in rows] == ["*", "<", ">", "<"]
     assert rows[3][2] == "550 5.1.1 <***@example.com>: Recipient address rejected"
     assert "someone" not in "".join(r[2] for r in rows)
+    mine = transcript_lines("1.0 > MAIL FROM:<verify@sounding.example>\n1.1 < 250 2.1.0 <verify@sounding.example> ok\n"
+                            "1.2 > RCPT TO:<***@a.example>\n1.3 < 550 <bob@a.example> unknown",
+                            "verify@sounding.example")
+    assert [r[2] for r in mine] == ["MAIL FROM:<verify@sounding.example>", "250 2.1.0 <verify@sounding.example> ok",
+                                    "RCPT TO:<***@a.example>", "550 <***@a.example> unknown"]

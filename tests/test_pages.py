@@ -134,6 +134,7 @@ def test_job_page_evidence_legend_and_filtered_exports(browser: Any, site: dict[
         row.get_by_role("link", name=re.compile(r"^[0-9a-f]{8,}")).click()
         pre = page.locator("#transcript").inner_text()
         assert "RCPT TO:<***@honest.example>" in pre and "nobody1" not in pre and "QUIT" in pre
+        assert "MAIL FROM:<verify@sounding.example>" in pre  # our own sender is ours to show
         screenshot(page, shots, "job-transcript")
         page.go_back()
 

@@ -525,16 +525,23 @@ async def app_transcript(request: Request, job_id: str, session_id: str) -> Resp
         return error_page(request, 404, "No such session for this job.")
     return render(request, "app_transcript.html", {
         "job": job, "s": row, "started": _utc(row.started), "duration": f"{max(row.ended - row.started, 0):.2f} s",
-        "lines": transcript_lines(_svc(request).store.transcript_text(row))})
+        "lines": transcript_lines(_svc(request).store.transcript_text(row), _svc(request).settings.mail_from)})
 
 
 
 
-def transcript_lines(text: str) -> list[tuple[str, str, str]]:
+def transcript_lines(text: str, keep: str = "") -> list[tuple[str, str, str]]:
     """A stored transcript as (seconds since the first line, direction, text) rows, with every
-    address's local part masked: a session may carry other clients' recipients, and servers
-    echo recipients in their replies."""
+    address's local part masked (but ``keep``, our own sender): a session may carry other
+    clients' recipients, and servers echo recipients in their replies."""
     out: list[tuple[str, str, str]] = []
+    sender = re.compile(re.escape(keep), re.I) if keep else None
+
+    def mask(line: str) -> str:
+        if sender is not None:
+            line = sender.sub("\0", line)
+        return mask_local_parts(line).replace("\0", keep)
+
     t0: float | None = None
     for line in text.splitlines():
         t_text, _, rest = line.partition(" ")
@@ -542,10 +549,10 @@ def transcript_lines(text: str) -> list[tuple[str, str, str]]:
         try:
             t = float(t_text)
         except ValueError:
-            out.append(("", "", mask_local_parts(line)))
+            out.append(("", "", mask(line)))
             continue
         t0 = t if t0 is None else t0
-        out.append((f"{t - t0:.3f}", direction, mask_local_parts(body)))
+        out.append((f"{t - t0:.3f}", direction, mask(body)))
     return out
 
 
