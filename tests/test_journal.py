@@ -60,3 +60,25 @@ def test_identity_follows_content_and_the_settings_that_change_answers() -> None
     base = {"helo": "probe.example", "smtp_port": 25}
     assert identity(d1, base) == identity(d1, dict(base))
     assert identity(d1, base) != identity(d2, base) != identity(d1, {**base, "smtp_port": 2525})
+
+
+def test_journals_nobody_resumed_for_a_month_are_pruned(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from sounding.journal import prune
+
+    old = Journal.for_run(tmp_path, "old")
+    old.save(0, Verdict("a@b.example", Status.UNKNOWN, Reason.TIMEOUT))
+    old.close()
+    busy = Journal.for_run(tmp_path, "busy")
+    busy.commit()
+    fresh = Journal.for_run(tmp_path, "fresh")
+    fresh.close()
+    month_ago = time.time() - 31 * 86_400
+    for name in ("old", "busy"):
+        for p in tmp_path.glob(f"{name}.sqlite*"):
+            os.utime(p, (month_ago, month_ago))
+    assert [p.name for p in prune(tmp_path)] == ["old.sqlite"]  # the busy one is in use
+    assert sorted(p.name for p in tmp_path.glob("*.sqlite")) == ["busy.sqlite", "fresh.sqlite"]
+    busy.close()

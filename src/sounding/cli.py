@@ -133,7 +133,7 @@ def verify_list(
 
     Every verdict is journaled as it finishes: after Ctrl-C or a crash, the same command
     asks only about the rows still missing.  The output appears only when complete."""
-    from .journal import Journal, file_digest, identity
+    from .journal import Journal, file_digest, identity, prune
     from .listfiles import OpenList, check_output, output_kind
 
     try:
@@ -163,6 +163,7 @@ def verify_list(
                               "nameservers": s.nameservers, "smtp_port": s.smtp_port,
                               "allow_private_mx": s.allow_private_mx, "postmaster": s.probe_postmaster})
     jdir = Path(s.state_dir or default_state_dir()) / "journals"
+    prune(jdir)  # journals of lists nobody came back to within 30 days
     try:
         journal = Journal.for_run(jdir, ident)
         if restart:

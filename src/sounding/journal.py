@@ -157,6 +157,28 @@ class Journal:
             Path(str(self.path) + suffix).unlink(missing_ok=True)
 
 
+def prune(directory: Path, *, older_than: float = 30 * 86_400.0, now: float | None = None) -> list[Path]:
+    """Delete journals nobody resumed for ``older_than`` seconds (their answers are stale by
+    now); a journal in use (locked) is left alone.  Returns the journals deleted."""
+    now = time.time() if now is None else now
+    gone: list[Path] = []
+    for p in sorted(directory.glob("*.sqlite")) if directory.is_dir() else []:
+        wal = Path(str(p) + "-wal")
+        last = max(p.stat().st_mtime, wal.stat().st_mtime if wal.exists() else 0.0)
+        if now - last < older_than:
+            continue
+        try:
+            lock = _lock(Path(str(p) + ".lock"))
+        except JournalBusy:
+            continue
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(p) + suffix).unlink(missing_ok=True)
+        lock.close()
+        Path(str(p) + ".lock").unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
 def _lock(path: Path) -> IO[str]:
     """An exclusive lock on ``path`` for as long as the returned file is open (released by
     the kernel when the process dies, ``kill -9`` included)."""
