@@ -141,3 +141,50 @@ async def test_service_on_postgresql_runs_on_the_fleet(pg_service: Any) -> None:
     assert p["state"] == "done" and p["by_status"] == {"deliverable": 2, "undeliverable": 1}, p
     asked = [a for s in sb.log.sessions() for a, _ in s.rcpts if a == "alice@honest.example"]
     assert asked == ["alice@honest.example"]  # the job took alice's verdict from the cache
+
+
+async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources(pg_db: str) -> None:
+    import asyncio
+
+    from sounding.runner.fleet import FleetWorker
+    from sounding.sandbox import World
+    from sounding.service.core import Service
+
+    from .conftest import start_world
+
+    w = World()
+    w.dnsbl_listed = {"127.0.0.66": "127.0.0.2"}
+    w.add_host("mx.picky.example", "dnsbl_reject", greeting_delay=1.0)
+    w.add_domain("picky.example", mx=[(10, "mx.picky.example")], mailboxes=["ann", "ben"], unknown=["nobody"])
+    sb = await start_world(w)
+    st = await Store.open(pg_db)
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        s = sandbox_settings(sb, db_url=pg_db, dnsbl_check=False)
+        listed = FleetWorker(s.with_(source_ips=("127.0.0.66",)), st, name="listed")
+        tasks.append(asyncio.create_task(listed.run(stops[0])))
+        svc = Service(s, st, worker=False)
+        await svc.start()
+        c, _ = await st.create_client("acme")
+        job = await svc.submit_job(c, "l.csv", b"email\nann@picky.example\nben@picky.example\nnobody@picky.example\n")
+        await asyncio.sleep(0.3)  # the listed worker owns the receiver; the clean one arrives
+        clean = FleetWorker(s.with_(source_ips=("127.0.0.67",)), st, name="clean")
+        tasks.append(asyncio.create_task(clean.run(stops[1])))
+        for _ in range(300):
+            p = await st.progress(await st.job(job.id))  # type: ignore[arg-type]
+            if p.job.state not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.1)
+        rows = {r.address: (r.status, r.reason) async for r in st.rows(job.id)}
+        await svc.stop()
+    finally:
+        for ev in stops:
+            ev.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await st.close()
+        await sb.stop()
+    assert rows == {"ann@picky.example": ("deliverable", "accepted"), "ben@picky.example": ("deliverable", "accepted"),
+                    "nobody@picky.example": ("undeliverable", "no_mailbox")}
+    by_source = [x.client for x in sb.log.sessions("mx.picky.example")]
+    assert by_source.count("127.0.0.66") == 1 and set(by_source) == {"127.0.0.66", "127.0.0.67"}

@@ -140,8 +140,13 @@ def settle(out: Absorbed, j: Recipient, domains: DomainBook, settings: Settings,
 
 def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source: str, domains: DomainBook,
            pool: SourcePool, stats: ConductStats, settings: Settings, now: float,
-           wall_now: float, history: ReceiverHistory | None = None) -> Absorbed:
+           wall_now: float, history: ReceiverHistory | None = None,
+           elsewhere: Callable[[], bool] | None = None) -> Absorbed:
     """Turn a session's replies into verdicts, re-queued recipients and feedback.
+
+    ``elsewhere()``: asked only when a block leaves none of our sources for this receiver — may
+    another worker of a fleet, with sources of its own, take it over? (The block is then retried
+    from there instead of pausing the receiver for everyone.)
 
     ``history``: what this receiver accepted before (updated here with this session's
     acceptances). Mutates only pure state: the recipients (pins, timers), the domains'
@@ -176,7 +181,7 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
                        and classify(out.replies[j.rcpt]).outcome is Outcome.IP_BLOCKED)]
         if blocked:
             retry = _blocked(result, receiver, source, blocked, res, pool=pool, stats=stats,
-                             domains=domains, settings=s, wall_now=wall_now)
+                             domains=domains, settings=s, wall_now=wall_now, elsewhere=elsewhere)
             requeue.extend(retry)
             settled.update(id(j) for j in blocked if j not in retry)
         else:
@@ -308,7 +313,7 @@ def _session_controls(chunk: list[Recipient], replies: dict[str, Reply], domains
 
 def _blocked(result: Absorbed, receiver: str, source: str, jobs: list[Recipient], res: SessionResult, *,
              pool: SourcePool, stats: ConductStats, domains: DomainBook, settings: Settings,
-             wall_now: float) -> list[Recipient]:
+             wall_now: float, elsewhere: Callable[[], bool] | None = None) -> list[Recipient]:
     """The receiver blocked ``source``: quarantine (or ban) it for this receiver; return the
     recipients to retry once from another healthy source.  If there is none, or they
     were already retried, pause the receiver for everyone: these recipients are unknown
@@ -323,7 +328,7 @@ def _blocked(result: Absorbed, receiver: str, source: str, jobs: list[Recipient]
         stats.bans += 1
     else:
         stats.quarantines += 1
-    other = pool.choose(receiver, record=False) is not None
+    other = pool.choose(receiver, record=False) is not None or (elsewhere is not None and elsewhere())
     if other and all(j.block_retries == 0 for j in jobs):
         for j in jobs:
             j.block_retries += 1

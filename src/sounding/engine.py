@@ -146,6 +146,7 @@ class Verifier:
                  fd_limit: int | None = None, cpus: int | None = None,
                  capacity: SessionCap | None = None,
                  gate: Callable[[str], bool] | None = None,
+                 elsewhere: Callable[[str], bool] | None = None,
                  wire_gate: Callable[[str], bool] | None = None,
                  session_slots: SessionGate | None = None,
                  domains: DomainBook | None = None,
@@ -175,6 +176,9 @@ class Verifier:
         self.gate = gate
         self.wire_gate = wire_gate if wire_gate is not None else gate
         self.before_session = before_session
+        #: fleet: ``elsewhere(receiver)`` — another worker (other sources) may take it over when
+        #: none of ours may talk to it; we hand it over instead of pausing it for everyone
+        self.elsewhere = elsewhere
         state = Path(s.state_dir) if s.state_dir else None
         if pool is None:
             pool = SourcePool([Source.parse(x) for x in s.source_ips], clock=wall_clock,
@@ -538,6 +542,10 @@ class Verifier:
                 self._spawn(self._session(g, lim, act, inflight))
                 continue
             if isinstance(act, GiveUp):
+                if (self.elsewhere is not None and self.pool.paused_until(q.receiver) is None
+                        and self.elsewhere(q.receiver)):
+                    self._apply(handed_over(q.drain(), self.domains, self.settings), inflight)
+                    continue
                 self._apply(give_up(q.drain(), receiver=q.receiver, mx_host=q.mx.hosts[0].name, pool=self.pool,
                                     domains=self.domains, settings=self.settings, wall_now=self.wall_clock()),
                             inflight)
@@ -565,7 +573,8 @@ class Verifier:
             now = self.clock()
             a = absorb(act.chunk, res, receiver=q.receiver, source=act.source.key, domains=self.domains,
                        pool=self.pool, stats=self.stats, settings=self.settings, now=now,
-                       wall_now=self.wall_clock(), history=self.history(q.receiver))
+                       wall_now=self.wall_clock(), history=self.history(q.receiver),
+                       elsewhere=(lambda: elsewhere(q.receiver)) if (elsewhere := self.elsewhere) else None)
             lim.apply(a.feedback)
             unknowns = a.unknowns
             self._apply(a, inflight)

@@ -195,11 +195,14 @@ class _Owned:
     deadline: float  # monotonic: stop sending after this
     lost: bool = False
     stopping: bool = False
+    #: none of our sources may talk to the receiver: handed to a worker whose sources may
+    declined: bool = False
+    others: set[str] = field(default_factory=set)  # workers that declined it already
     fed: dict[str, int] = field(default_factory=dict)  # key -> verdict index
     keys: dict[int, str] = field(default_factory=dict)
 
     def may_start(self) -> bool:
-        return not self.lost and not self.stopping and time.monotonic() < self.deadline
+        return not self.lost and not self.stopping and not self.declined and time.monotonic() < self.deadline
 
     def may_send(self) -> bool:
         return not self.lost and time.monotonic() < self.deadline
@@ -233,6 +236,7 @@ class FleetWorker:
         self.stopping = False
         self._sessions: list[dict[str, Any]] = []
         self._limiters: dict[str, HostLimiter] = {}
+        self.live_workers = 1  # procrastinate workers with a recent heartbeat (refreshed)
         self.sem = SessionGate(s.concurrency)  # sessions on the wire at once, all receivers together
 
     async def _exemption_entries(self) -> list[Exemption]:
@@ -278,6 +282,8 @@ class FleetWorker:
                 await self._flush_sessions()
             with contextlib.suppress(Exception):
                 await self.exemptions.refresh(strict=False)  # entries other processes added
+            with contextlib.suppress(Exception):
+                self.live_workers = await self._live_workers()
 
     async def _flush_sessions(self) -> None:
         if self._sessions:
@@ -393,6 +399,7 @@ class FleetWorker:
             st = await self.fleet.state(receiver)
             self._load_courtesy(receiver, st.pairs, st.paused_until, st.paused_why)
             lim = self._limiter(receiver, st.limiter, st.inflight)
+            o.others = set(st.declined) - {self.name}
             if (not receiver.startswith("dns:") and self.pool.paused_until(receiver) is None
                     and self.pool.choose(receiver, record=False) is None
                     and tries < 2 * max(1, await self._live_workers())):
@@ -503,8 +510,15 @@ class FleetWorker:
                 o.lost = True
             return ok and o.may_start()
 
+        def elsewhere(_r: str) -> bool:
+            """Another live worker that has not declined it may take it (its own sources)."""
+            if self.live_workers - 1 - len(o.others) > 0:
+                o.declined = True
+                return True
+            return False
+
         v = Verifier(s, resolver=self.resolver, pool=self.pool, profiles=self.profiles, exemptions=self.exemptions,
-                     on_session=self._on_session, gate=lambda _r: o.may_start(),
+                     on_session=self._on_session, gate=lambda _r: o.may_start(), elsewhere=elsewhere,
                      before_session=before, wire_gate=lambda _r: o.may_send(), session_slots=self.sem,
                      domains=self.domains)
         v.adopt_limiter(receiver, lim)
@@ -628,8 +642,9 @@ class FleetWorker:
                 await rn
             if not o.lost:
                 with contextlib.suppress(Exception):
-                    await self.fleet.release(o.lease, **self._courtesy(receiver))
+                    await self.fleet.release(o.lease, **self._courtesy(receiver), declined=o.declined)
             # work left (new jobs, a drain, a lost lease): someone must own it
             with contextlib.suppress(Exception):
                 if await self.fleet.pending(receiver, set(), 1):
-                    await defer_own(self.app, [receiver], delay=0.2 if self.stopping else 0.0)
+                    await defer_own(self.app, [receiver], delay=0.2 if self.stopping or o.declined else 0.0,
+                                    tries=1 if o.declined else 0)
