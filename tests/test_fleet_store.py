@@ -154,7 +154,7 @@ async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources
 
     w = World()
     w.dnsbl_listed = {"127.0.0.66": "127.0.0.2"}
-    w.add_host("mx.picky.example", "dnsbl_reject", greeting_delay=1.0)
+    w.add_host("mx.picky.example", "dnsbl_reject", greeting_delay=3.0)
     w.add_domain("picky.example", mx=[(10, "mx.picky.example")], mailboxes=["ann", "ben"], unknown=["nobody"])
     sb = await start_world(w)
     st = await Store.open(pg_db)
@@ -168,10 +168,18 @@ async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources
         await svc.start()
         c, _ = await st.create_client("acme")
         job = await svc.submit_job(c, "l.csv", b"email\nann@picky.example\nben@picky.example\nnobody@picky.example\n")
-        await asyncio.sleep(0.3)  # the listed worker owns the receiver; the clean one arrives
+        for _ in range(400):  # the listed worker owns the receiver (its greeting takes 3 s) ...
+            if listed.owned:
+                break
+            await asyncio.sleep(0.05)
+        assert listed.owned
         clean = FleetWorker(s.with_(source_ips=("127.0.0.67",)), st, name="clean")
         tasks.append(asyncio.create_task(clean.run(stops[1])))
-        for _ in range(300):
+        for _ in range(100):  # ... and knows of the clean one before the block comes
+            if listed.live_workers >= 2:
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(900):
             p = await st.progress(await st.job(job.id))  # type: ignore[arg-type]
             if p.job.state not in ("queued", "running"):
                 break
@@ -184,7 +192,7 @@ async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources
         await asyncio.gather(*tasks, return_exceptions=True)
         await st.close()
         await sb.stop()
-    assert rows == {"ann@picky.example": ("deliverable", "accepted"), "ben@picky.example": ("deliverable", "accepted"),
-                    "nobody@picky.example": ("undeliverable", "no_mailbox")}
     by_source = [x.client for x in sb.log.sessions("mx.picky.example")]
+    assert rows == {"ann@picky.example": ("deliverable", "accepted"), "ben@picky.example": ("deliverable", "accepted"),
+                    "nobody@picky.example": ("undeliverable", "no_mailbox")}, (rows, by_source)
     assert by_source.count("127.0.0.66") == 1 and set(by_source) == {"127.0.0.66", "127.0.0.67"}
