@@ -107,3 +107,18 @@ def test_after_a_drop_the_retry_carries_half_and_the_limit_is_learned() -> None:
     d = after_drop(sent=6, answered=0)
     assert (d.learned_limit, d.retry_size) == (3, 3)
     assert after_drop(sent=1, answered=0).retry_size == 1
+
+
+def test_the_limiter_learns_a_drop_and_grows_back_to_it_never_beyond() -> None:
+    from sounding.courtesy.profiles import Profile
+    from sounding.schedule import Feedback, HostLimiter
+
+    lim = HostLimiter(Profile("default", 2, 20, 0.0, 8), 60.0, lambda: 0.0)
+    assert lim.total_limit == 22
+    lim.apply(Feedback("recover", dropped_after=3, retry_size=2))
+    assert (lim.total_limit, lim.drop_limit) == (2, 3)  # the retry session: at most half
+    lim.apply(Feedback("recover"))
+    lim.apply(Feedback("recover"))
+    assert lim.total_limit == 3  # back to what the server showed, and no further
+    again = HostLimiter.from_dict(lim.to_dict(), Profile("default", 2, 20, 0.0, 8), lambda: 0.0)
+    assert (again.total_limit, again.drop_limit) == (3, 3)  # a worker taking over keeps it

@@ -216,7 +216,10 @@ def absorb(chunk: list[Recipient], res: SessionResult, *, receiver: str, source:
             at = greylist_retry_at(now, first_seen=j.first_seen, greylisted_since=j.greylisted_since,
                                    tries=j.greylist_tries, hint=cls.retry_after,
                                    plan=GreylistPlan(s.max_wait, s.greylist_window, s.greylist_first_retry))
-            if at is not None and (j.kind == "client" or domains.get(j.parsed.domain).catch_all is None):
+            # postmaster@'s greylisting is answer enough for a control ("it would take it");
+            # the random probe is asked again while the domain's catch-all finding is open
+            if at is not None and (j.kind == "client" or (
+                    j.kind == "probe" and domains.get(j.parsed.domain).catch_all is None)):
                 # pinned to this source; MAIL FROM is constant: the same triplet (RFC 6647 §2.1)
                 j.pin = source
                 j.not_before = at
