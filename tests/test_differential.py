@@ -88,3 +88,22 @@ async def test_a_known_good_address_refused_later_marks_the_session(sb: Sandbox)
     for a, x in second.items():
         assert (x.status, x.reason) == (Status.UNKNOWN, Reason.SESSION_REFUSED), (a, x)
         assert x.evidence.decided_by and x.evidence.decided_by.startswith("alice@moody.example was accepted before")
+
+
+def test_the_csv_output_says_which_comparison_decided(sandbox_proc: dict[str, str], tmp_path: object) -> None:
+    import csv
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from sounding.cli import app
+
+    d = Path(str(tmp_path))
+    (d / "in.csv").write_text("email\nalice@honest.example\nnobody0@honest.example\n", encoding="utf-8")
+    r = CliRunner().invoke(app, ["verify-list", str(d / "in.csv"), "-o", str(d / "out.csv"), "--nameserver",
+                                 sandbox_proc["ns"], "--smtp-port", sandbox_proc["port"], "--allow-private-mx"])
+    assert r.exit_code == 0, r.output
+    with open(d / "out.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["decided_by"].startswith("random refused 550 5.1.1")
+    assert rows[1]["decided_by"].endswith("→ credible") and "postmaster accepted" in rows[1]["decided_by"]

@@ -22,7 +22,8 @@ from .errors import AddressError, InputError
 from .verdict import Reason, Verdict, input_error
 
 RESULT_COLUMNS = ["status", "reason", "flags", "mx", "smtp_code", "smtp_enhanced", "smtp_text",
-                  "checked_at", "suggestion", "error", "retry_after", "mx_ip", "source_ip", "duplicate_of"]
+                  "checked_at", "suggestion", "error", "decided_by", "retry_after", "mx_ip", "source_ip",
+                  "duplicate_of"]
 _HEADER_NAMES = ("email", "e-mail", "email_address", "emailaddress", "email address", "mail",
                  "address", "courriel", "correo")
 _NEUTRALISE = ("=", "+", "-", "@", "\t", "\r")
@@ -431,16 +432,18 @@ def neutralise(cell: str) -> str:
 
 
 def result_cells(v: Verdict | None, error: str = "", duplicate_of: int | None = None) -> list[str]:
-    """The appended columns for one row (:data:`RESULT_COLUMNS`).  ``retry_after`` is in
+    """The appended columns for one row (:data:`RESULT_COLUMNS`).  ``decided_by``: which of
+    the session's controls decided how far the reply was believed.  ``retry_after`` is in
     seconds after ``checked_at``; ``duplicate_of`` is the line (sheet row) of the first row
     with the same address (compared case-insensitively), whose verdict this row shares."""
     dup = str(duplicate_of) if duplicate_of is not None else ""
     if v is None:
-        return ["", "", "", "", "", "", "", "", "", error, "", "", "", dup]
+        return ["", "", "", "", "", "", "", "", "", error, "", "", "", "", dup]
     e = v.evidence
     return [v.status.value, v.reason.value, ";".join(sorted(v.flags)), e.mx_host or "",
             str(e.code or ""), e.enhanced or "", (e.text or e.detail or "")[:300], v.checked_at,
-            v.suggestion or "", error, f"{v.retry_after:.0f}" if v.retry_after is not None else "",
+            v.suggestion or "", error, (e.decided_by or "")[:300],
+            f"{v.retry_after:.0f}" if v.retry_after is not None else "",
             e.mx_ip or "", e.source_ip or "", dup]
 
 
