@@ -141,6 +141,17 @@ async def test_service_on_postgresql_runs_on_the_fleet(pg_service: Any) -> None:
     assert p["state"] == "done" and p["by_status"] == {"deliverable": 2, "undeliverable": 1}, p
     asked = [a for s in sb.log.sessions() for a, _ in s.rcpts if a == "alice@honest.example"]
     assert asked == ["alice@honest.example"]  # the job took alice's verdict from the cache
+    # the job's session is logged with the job (its page links the transcript)
+    for _ in range(50):
+        logged, _n = await st_of(http).lookup("name", "honest.example")
+        if any(job["id"] in x.job_ids.split() for x in logged):
+            break
+        await asyncio.sleep(0.1)
+    assert any(job["id"] in x.job_ids.split() for x in logged)
+
+
+def st_of(http: Any) -> Store:
+    return http._transport.app.state.store  # type: ignore[no-any-return]
 
 
 async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources(pg_db: str) -> None:

@@ -236,6 +236,7 @@ class FleetWorker:
         self.stopping = False
         self._sessions: list[dict[str, Any]] = []
         self._limiters: dict[str, HostLimiter] = {}
+        self._key_jobs: dict[str, set[str]] = {}  # addresses being asked -> their jobs
         self.live_workers = 1  # procrastinate workers with a recent heartbeat (refreshed)
         self.sem = SessionGate(s.concurrency)  # sessions on the wire at once, all receivers together
 
@@ -291,9 +292,15 @@ class FleetWorker:
             await self.store.add_sessions(batch)
 
     def _on_session(self, res: SessionResult) -> None:
+        """Log the session with the jobs its recipients belong to (the job page links it)."""
         from ..service.core import session_record
 
-        self._sessions.append(session_record(res, set()))
+        jobs: set[str] = set()
+        for _t, d, x in res.transcript.lines:
+            if d == ">" and x[:4].upper() == "RCPT":
+                key = x.partition("<")[2].partition(">")[0].lower()
+                jobs |= self._key_jobs.get(key, set())
+        self._sessions.append(session_record(res, jobs))
 
     # ------------------------------------------------------------------ planning
     async def plan(self, job_id: str, keys: list[str], fresh: bool) -> None:
@@ -596,6 +603,7 @@ class FleetWorker:
                 await write(keep)
                 for k in seen:  # only now: until the write commits, the work row is still there
                     o.fed.pop(k, None)
+                    self._key_jobs.pop(k, None)
 
         runner = asyncio.create_task(run())
         wr = asyncio.create_task(writer())
@@ -619,6 +627,9 @@ class FleetWorker:
                     except Fenced:
                         o.lost = True
                         break
+                new = [k for k, _fresh in todo if k not in hits and k not in o.fed]
+                with contextlib.suppress(Exception):
+                    self._key_jobs.update(await self.fleet.jobs_of(new))
                 for k, _fresh in todo:
                     if k in hits or k in o.fed:
                         continue

@@ -180,6 +180,18 @@ class FleetStore:
                 .limit(limit + len(exclude)))).all()
         return [(k, bool(f)) for k, f in rows if k not in exclude][:limit]
 
+    async def jobs_of(self, keys: Sequence[str]) -> dict[str, set[str]]:
+        """The jobs still waiting for each of these addresses (for the session log)."""
+        out: dict[str, set[str]] = {}
+        if not keys:
+            return out
+        async with self.session() as s:
+            rows = (await s.execute(select(JobRow.key, JobRow.job_id).where(
+                JobRow.key.in_(list(keys)), JobRow.done_at.is_(None)).distinct())).all()
+        for k, j in rows:
+            out.setdefault(k, set()).add(j)
+        return out
+
     async def receivers_with_work(self) -> list[str]:
         """Receivers with waiting addresses and no live owner (recovery after a death)."""
         async with self.session() as s:
