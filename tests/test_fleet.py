@@ -116,7 +116,7 @@ class Fleet:
         r = httpx.get(f"{self.base}/v1/jobs/{job}", headers={"X-API-Key": self.key}, timeout=30)
         return r.json()  # type: ignore[no-any-return]
 
-    def wait(self, jobs: list[str], timeout: float = 240) -> None:
+    def wait(self, jobs: list[str], timeout: float = 480) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if all(self.progress(j)["state"] not in ("queued", "running") for j in jobs):
