@@ -23,7 +23,7 @@ from .errors import AddressError, InputError
 from .listfiles import OpenList
 from .verdict import unparseable
 
-BATCH = 1000
+BATCH = 500
 #: Lists up to this size are parsed in a thread (a process costs more than it saves).
 INLINE_BYTES = 512 * 1024
 Rowtuple = tuple[int, list[str], str, str, str, dict[str, Any] | None]
