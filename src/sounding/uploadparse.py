@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -122,7 +122,7 @@ def _recv(conn: Connection) -> Any:
 
 
 async def rows_from_process(path: Path, *, column: str | None, fmt: str | None, cap: int | None,
-                            meta: ParsedMeta) -> AsyncIterator[list[Rowtuple]]:
+                            meta: ParsedMeta) -> AsyncGenerator[list[Rowtuple], None]:
     """Batches of parsed rows from a worker process; :class:`OverCap` when the list has
     ``cap`` rows or more (only counted that far); InputError for an unreadable list."""
     if path.stat().st_size <= INLINE_BYTES:  # small: a thread, without the cost of a process

@@ -382,9 +382,11 @@ class Service:
         meta = ParsedMeta()
         total = 0
         try:
-            async for batch in rows_from_process(upload.path, column=column, fmt=fmt, cap=cap, meta=meta):
-                total += await self.store.add_upload_rows(jid, total, batch)
-                await asyncio.sleep(0.01)  # a breath between batches: other requests' turn on the loop and the GIL
+            async with contextlib.aclosing(rows_from_process(upload.path, column=column, fmt=fmt, cap=cap,
+                                                             meta=meta)) as batches:  # closed (child ended) on any exit
+                async for batch in batches:
+                    total += await self.store.add_upload_rows(jid, total, batch)
+                    await asyncio.sleep(0.01)  # a breath between batches: other requests' turn on the loop and GIL
             if not total:
                 raise InputError("the upload holds no rows")
             await self.store.charge(client, total, self.settings.daily_quota)

@@ -159,6 +159,10 @@ async def receive_upload(request: Request, limit: int, *, file_field: str = "fil
         out.close()
         sp.discard()
         raise BadUpload(f"malformed multipart body: {exc}") from exc
+    except BaseException:  # cancelled (the client went away): leave nothing behind
+        out.close()
+        sp.discard()
+        raise
     out.close()
     if not sp.has_file:
         sp.discard()
