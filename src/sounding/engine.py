@@ -207,6 +207,8 @@ class Verifier:
         self._ca_waiters: dict[str, asyncio.Future[None]] = {}
         #: sessions on the wire at once (shared when several verifiers run in one worker)
         self._global = session_slots or SessionGate(self.capacity.cap)
+        self._lag: asyncio.Task[None] | None = None
+        self._runs = 0
         self._out: asyncio.Queue[Verdict] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
@@ -227,7 +229,10 @@ class Verifier:
             await self.exemptions.refresh()  # an unreadable registry stops us: opt-outs are a promise
         await self.self_check()
         checker = asyncio.create_task(self._recheck_loop())
-        lag = asyncio.create_task(self._lag_loop())
+        # one lag sampler per verifier, however many runs share it (the service's jobs)
+        self._runs += 1
+        if self._lag is None or self._lag.done():
+            self._lag = asyncio.create_task(self._lag_loop())
         window = asyncio.Semaphore(self.settings.window)
         state = {"read": 0, "emitted": 0, "done": False}
         reader = asyncio.create_task(self._read(addresses, window, state))
@@ -237,6 +242,11 @@ class Verifier:
                     break
                 if self._draining and out.empty() and not any(g.q.running for g in self._groups.values()):
                     break
+                if not out.empty():  # verdicts come in bursts (a session's): no task, no wait each
+                    state["emitted"] += 1
+                    window.release()
+                    yield out.get_nowait()
+                    continue
                 get = asyncio.ensure_future(out.get())
                 finished, _ = await asyncio.wait({get, reader} if not reader.done() else {get},
                                                  timeout=0.2 if self._draining else None,
@@ -257,11 +267,16 @@ class Verifier:
         finally:
             reader.cancel()
             checker.cancel()
-            lag.cancel()
+            self._runs -= 1
+            lag = self._lag if self._runs == 0 else None
+            if lag is not None:
+                lag.cancel()
+                self._lag = None
             for t in list(self._tasks):
                 t.cancel()
             with contextlib.suppress(BaseException):
-                await asyncio.gather(reader, checker, lag, *self._tasks, return_exceptions=True)
+                await asyncio.gather(reader, checker, *([lag] if lag else []), *self._tasks,
+                                     return_exceptions=True)
             self._tasks.clear()
             self._groups.clear()
             self._ca_waiters.clear()

@@ -43,6 +43,7 @@ from ..courtesy.profiles import Profile, ProfileSet
 from ..dns import MxResolver, MxStatus
 from ..engine import FLUSH, SessionGate, Verifier
 from ..schedule import DomainBook, HostLimiter, Recipient
+from ..schedule.capacity import SessionCap
 from ..settings import Settings
 from ..smtp.client import SessionResult
 from ..store import Store
@@ -238,7 +239,9 @@ class FleetWorker:
         self._limiters: dict[str, HostLimiter] = {}
         self._key_jobs: dict[str, set[str]] = {}  # addresses being asked -> their jobs
         self.live_workers = 1  # procrastinate workers with a recent heartbeat (refreshed)
-        self.sem = SessionGate(s.concurrency)  # sessions on the wire at once, all receivers together
+        # sessions on the wire at once, all receivers together (concurrency 0 = adaptive: the
+        # verifiers' lag sampler resizes it, from SessionCap's start value)
+        self.sem = SessionGate(s.concurrency or SessionCap.cap)
 
     async def _exemption_entries(self) -> list[Exemption]:
         return [as_exemption(r) for r in await self.store.exemptions("active")]
