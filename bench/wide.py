@@ -13,7 +13,8 @@ is verified by two clients, each in a child process of its own (CPU and peak mem
   postmaster@ + a random local part + the domain's addresses, pipelined where announced,
   lockstep otherwise, ``QUIT``). It has no courtesy limits, no global cap, no evidence, no
   transcript: the time it takes is the bound set by the round trips and the sandbox.
-* **sounding**: the ``Verifier`` with its default settings (courtesy included).
+* **sounding**: the ``Verifier`` with its default settings (courtesy included);
+* **baseline** (with ``--baseline SRC``): the same, imported from another checkout's ``src/``.
 
 Both run once under the standard asyncio loop and once under uvloop (when installed), in
 the same run against the same sandbox. Conduct figures (sessions per address, concurrent
@@ -156,18 +157,19 @@ async def _run_sounding(addrs: list[str], args: argparse.Namespace) -> dict[str,
                       smtp_port=args.smtp_port, allow_private_mx=True, **extra)
     v = Verifier(s)
     got = {x.address: x.status.value async for x in v.verify_many(addrs)}
-    args.capacity = v.capacity_report()
+    args.capacity = v.capacity_report() if hasattr(v, "capacity_report") else None
     return got
 
 
 def _client(args: argparse.Namespace) -> None:
     """Child: verify the list with one client under one loop; write statuses, wall and CPU."""
     addrs = json.loads(Path(args.list).read_text())
-    if args.client == "sounding":
+    if args.client in ("sounding", "baseline"):
         # imports are not part of the run (a process pays them once, not per list)
         import sounding.engine  # noqa: F401
-        import sounding.store.registry  # noqa: F401
 
+        with contextlib.suppress(ImportError):  # (an older checkout may not have it)
+            import sounding.store.registry  # noqa: F401
         run = _run_sounding
     else:
         run = _run_ideal
@@ -211,7 +213,7 @@ def _timeline(records: list[dict[str, Any]], started: float) -> dict[str, float]
 
 
 def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[str, Any], log: Path,
-             tmp: Path, profile: str | None, sets: list[str]) -> dict[str, Any]:
+             tmp: Path, profile: str | None, sets: list[str], baseline: str | None = None) -> dict[str, Any]:
     tag = f"{client}-{loop}"
     lst, out = tmp / f"{tag}.list.json", tmp / f"{tag}.out.json"
     lst.write_text(json.dumps([a for a, _ in addrs]))
@@ -227,7 +229,10 @@ def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[s
     if client == "sounding" and os.environ.get("WIDE_PYSPY"):  # sampling profile (py-spy)
         cmd = ["py-spy", "record", "-r", "250", "-f", "raw", "-o", f"{os.environ['WIDE_PYSPY']}-{loop}.txt",
                "--", *cmd]
-    proc = subprocess.Popen(cmd)
+    env = None
+    if client == "baseline":  # the same bench, Sounding imported from another checkout's src/
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([baseline or "", os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env)
     _, status, ru = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{tag} failed (exit {os.waitstatus_to_exitcode(status)})")
@@ -297,16 +302,18 @@ def _inside(args: argparse.Namespace) -> None:
                   flush=True)
             rows: list[dict[str, Any]] = []
             clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+            if args.baseline:
+                clients.append("baseline")
             for loop in loops:
                 ideal = None
                 best: dict[str, dict[str, Any]] = {}
                 for _ in range(max(1, args.repeat)):  # interleaved; the fastest of each is kept
-                    for client in ("ideal", "sounding"):
+                    for client in ("ideal", "baseline", "sounding"):
                         if client not in clients:
                             continue
                         prof = str(Path(args.profile) / f"sounding-{loop}.pstats") \
                             if args.profile and client == "sounding" else None
-                        r = _measure(client, loop, addrs, world, log, tmp, prof, args.set or [])
+                        r = _measure(client, loop, addrs, world, log, tmp, prof, args.set or [], args.baseline)
                         r["runs"] = best.get(client, {}).get("runs", []) + [round(r["wall_s"], 2)]
                         if client not in best or r["wall_s"] < best[client]["wall_s"]:
                             best[client] = r
@@ -316,10 +323,11 @@ def _inside(args: argparse.Namespace) -> None:
                 if ideal is not None:
                     ideal["ratio"] = 1.0
                     rows.append(ideal)
-                if "sounding" in best:
-                    snd = best["sounding"]
-                    snd["ratio"] = snd["wall_s"] / ideal["wall_s"] if ideal else 0.0
-                    rows.append(snd)
+                for client in ("baseline", "sounding"):
+                    if client in best:
+                        snd = best[client]
+                        snd["ratio"] = snd["wall_s"] / ideal["wall_s"] if ideal else 0.0
+                        rows.append(snd)
                 print(_table(rows[-len(clients):]), flush=True)
             print()
             print(_table(rows))
@@ -365,6 +373,9 @@ def main() -> None:
     ap.add_argument("--subnet", type=int, default=79)
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--profile", help="write a cProfile of each Sounding run into this directory")
+    ap.add_argument("--baseline", metavar="SRC",
+                    help="also run Sounding imported from SRC (another checkout's src/ directory): "
+                         "before and after in one run, under the same load")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a Sounding setting for the run (e.g. concurrency=500); repeatable")
     ap.add_argument("--no-netns", action="store_true", help=argparse.SUPPRESS)
