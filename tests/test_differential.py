@@ -63,7 +63,7 @@ async def test_a_server_that_refuses_postmaster_alike_is_refusing_us(sb: Sandbox
     assert sb.world.truth("alice@refuseall.example").reason == "session_refused"
 
 
-async def test_a_domain_without_postmaster_is_credible_when_others_are_accepted(sb: Sandbox) -> None:
+async def test_a_domain_without_postmaster_is_credible_when_others_are_accepted(sb: Sandbox, tmp_path: object) -> None:
     got = await _verify(Verifier(sandbox_settings(sb)), ["alice@nopm.example", "nobody@nopm.example"])
     bad = got["nobody@nopm.example"]
     assert (bad.status, bad.reason) == (Status.UNDELIVERABLE, Reason.NO_MAILBOX)
@@ -72,7 +72,8 @@ async def test_a_domain_without_postmaster_is_credible_when_others_are_accepted(
     # the same server, a fresh verifier, a list of only missing addresses on a domain without
     # postmaster@: nothing was ever accepted, so nothing proves the refusal is about the mailbox
     only = "nobody@onlybad-nopm.example"
-    alone = (await _verify(Verifier(sandbox_settings(sb)), [only]))[only]
+    fresh = sandbox_settings(sb, state_dir=str(tmp_path) + "/fresh")  # no memory of the first run
+    alone = (await _verify(Verifier(fresh), [only]))[only]
     assert (alone.status, alone.reason) == (Status.UNKNOWN, Reason.SESSION_REFUSED)
 
 
@@ -107,3 +108,16 @@ def test_the_csv_output_says_which_comparison_decided(sandbox_proc: dict[str, st
         rows = list(csv.DictReader(fh))
     assert rows[0]["decided_by"].startswith("random refused 550 5.1.1")
     assert rows[1]["decided_by"].endswith("→ credible") and "postmaster accepted" in rows[1]["decided_by"]
+
+
+async def test_what_a_receiver_accepted_is_remembered_between_runs(sb: Sandbox, tmp_path: object) -> None:
+    """A later run (the command line, a state directory) still knows the server accepts
+    addresses, so a list of only missing ones on a domain without postmaster@ is credible."""
+    state = str(tmp_path) + "/state"
+    first = await _verify(Verifier(sandbox_settings(sb, state_dir=state)), ["alice@nopm.example"])
+    assert first["alice@nopm.example"].status is Status.DELIVERABLE
+    only = "nobody@onlybad-nopm.example"  # same receiver, another domain, nothing accepted in this run
+    later = (await _verify(Verifier(sandbox_settings(sb, state_dir=state)), [only]))[only]
+    assert (later.status, later.reason) == (Status.UNDELIVERABLE, Reason.NO_MAILBOX)
+    assert "no_postmaster" in later.flags and later.evidence.decided_by
+    assert "accepted by this server before" in later.evidence.decided_by

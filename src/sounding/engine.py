@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import time
@@ -67,6 +68,9 @@ from .smtp.client import Opener, SessionResult
 from .verdict import Reason, Status, Verdict, from_dns, unknown, unparseable
 
 __all__ = ["FLUSH", "ConductStats", "Verifier"]
+
+#: How long what receivers accepted is remembered between runs (``receivers.json``).
+HISTORY_MEMORY = 30 * 86400.0
 
 #: Yielded by an open-ended feed when it has nothing more for the moment: the verifier then
 #: starts what it has read instead of waiting to batch more (see service.dispatch).
@@ -198,8 +202,11 @@ class Verifier:
                              on_session=lambda: self.on_session, clock=clock)
         self._checked_at: float | None = None
         self._limiters: dict[str, HostLimiter] = {}
-        #: per receiver: what it accepted before (the controls' "accepted before")
+        #: per receiver: what it accepted before (the controls' "accepted before"); with a
+        #: state directory it is remembered between runs (``receivers.json``, 30 days)
         self.histories: dict[str, ReceiverHistory] = {}
+        self._histories_path = state / "receivers.json" if state is not None else None
+        self._load_histories()
         self._groups: dict[tuple[str, ...], _Group] = {}
         self.domains = domains or DomainBook(s.catch_all_ttl, clock, probe_postmaster=s.probe_postmaster,
                                              rng=self.rng)
@@ -281,6 +288,7 @@ class Verifier:
             self._groups.clear()
             self._ca_waiters.clear()
             self.domains.forget_open()
+            self._save_histories()
 
     def drain(self) -> None:
         """Stop starting sessions (Ctrl-C in ``verify-list``): input is no longer read,
@@ -517,6 +525,31 @@ class Verifier:
             lim = self._limiters[q.receiver] = HostLimiter(q.profile, self.settings.unknown_rcpt_window,
                                                            self.clock)
         return lim
+
+    def _load_histories(self) -> None:
+        path = self._histories_path
+        if path is None or not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text("utf-8"))
+            if self.wall_clock() - float(data.get("saved_at", 0)) > HISTORY_MEMORY:
+                return  # servers change: a month-old memory proves nothing
+            for receiver, d in (data.get("receivers") or {}).items():
+                self.history(str(receiver)).load_dict(d)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return  # a damaged file is only a lost memory
+
+    def _save_histories(self) -> None:
+        path = self._histories_path
+        if path is None or not self.histories:
+            return
+        recent = dict(list(self.histories.items())[-5000:])
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"saved_at": self.wall_clock(),
+                                       "receivers": {k: h.to_dict() for k, h in recent.items()}}), "utf-8")
+            os.replace(tmp, path)
 
     def history(self, receiver: str) -> ReceiverHistory:
         """What ``receiver`` accepted before (bounded: the oldest receivers are forgotten)."""
