@@ -523,3 +523,34 @@ async def test_fifty_silent_mx_hosts_get_at_most_ten_connections() -> None:
         assert v.stats.sessions == len(sessions)
     finally:
         await sb.stop()
+
+
+# ------------------------------------------------------------------ the sandbox's quirky hosts
+async def test_sandbox_quirk_personalities_are_unknown_and_get_quit() -> None:
+    """The same faults as sandbox personalities (for worlds and demos): the world's truth
+    and the verifier agree that nothing is known, and every session ends with QUIT."""
+    from sounding.sandbox import World
+    from tests.conftest import sandbox_settings, start_world
+
+    w = World()
+    quirks = ["double_greeting", "unsolicited_reply", "starttls_inject", "garbled_code"]
+    for q in [*quirks, "honest"]:
+        host = f"mx.{q.replace('_', '')}.example"
+        w.add_host(host, q)
+        w.add_domain(f"{q.replace('_', '')}.example", mx=[(10, host)], mailboxes=["alice"], unknown=["bob"])
+    sb = await start_world(w)
+    try:
+        sample = [(a, t) for a, t, _ in w.sample()]
+        v = Verifier(sandbox_settings(sb, dnsbl_check=False))
+        got = {x.address: x async for x in v.verify_many([a for a, _ in sample])}
+        for a, t in sample:
+            assert (got[a].status.value, got[a].reason.value) == (t.status, t.reason), a
+            if not a.endswith("@honest.example"):
+                assert (t.status, t.reason) == ("unknown", "protocol_error")
+        assert got["alice@honest.example"].status is Status.DELIVERABLE
+        assert got["bob@honest.example"].status is Status.UNDELIVERABLE
+        sessions = sb.log.sessions()
+        assert {s.server for s in sessions} == {f"mx.{q.replace('_', '')}.example" for q in [*quirks, "honest"]}
+        assert all(s.quit_sent for s in sessions), [(s.server, s.verbs) for s in sessions]
+    finally:
+        await sb.stop()

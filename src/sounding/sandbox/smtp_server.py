@@ -25,6 +25,8 @@ from .log import SessionLog
 from .world import Host, Personality, World
 
 Clock = Callable[[], float]
+#: ASCII digits -> Arabic-Indic digits (U+0660..U+0669), for the ``garbled_code`` quirk.
+_ARABIC_INDIC = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
 _FQDN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]*[a-z0-9]$",
                    re.I)
 _PATH = re.compile(r"^(?:FROM|TO):\s*<([^<>]*)>(.*)$", re.I)
@@ -215,6 +217,10 @@ class SMTPPersonalityServer:
             ev(ev="connect", code=220)
             text = "\r\n".join(
                 f"220{'-' if i < len(lines) - 1 else ' '}{ln}" for i, ln in enumerate(lines))
+            if self.p.quirk == "double_greeting":
+                text += f"\r\n220 {self.host.name} ESMTP"
+            elif self.p.quirk == "unsolicited_reply":
+                text += "\r\n550 5.7.1 Service unavailable; client host rejected"
             await send(text, self.p.greeting_delay)
             close_note = await self._dialogue(reader, writer, client, ev, send)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -347,8 +353,19 @@ class SMTPPersonalityServer:
                     reply = "502 5.5.1 STARTTLS not available"
                 else:
                     ev(ev="cmd", verb=verb, arg="", code=220)
+                    if p.quirk == "starttls_inject":
+                        # plaintext glued to the 220 (RFC 3207 §4.2); no TLS follows here: a
+                        # client that believed it would send a ClientHello, logged as garbage
+                        await send("220 2.0.0 Ready to start TLS\r\n"
+                                   f"250-{self.host.name}\r\n250 PIPELINING\r\n"
+                                   "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok")
+                        continue
                     await send("220 2.0.0 Ready to start TLS")
-                    await writer.start_tls(self.tls)
+                    try:
+                        await writer.start_tls(self.tls)
+                    except (OSError, TimeoutError):  # the client did not do TLS after all
+                        ev(ev="event", note="tls_failed")
+                        return "tls_failed"
                     tls_active = True
                     helo = None  # RFC 3207 §4.2: the client must EHLO again
                     mail_from = None
@@ -402,6 +419,8 @@ class SMTPPersonalityServer:
                 reply = "500 5.5.2 Error: command not recognized"
             ev(ev="cmd", verb=verb, arg=arg if verb in ("MAIL", "RCPT", "EHLO", "HELO") else "",
                code=int(reply[:3]))
+            if verb == "RCPT" and p.quirk == "garbled_code":
+                reply = reply[:3].translate(_ARABIC_INDIC) + reply[3:]
             await send(reply)
             if verb == "RCPT" and p.hangup_after_rcpts is not None and \
                     rcpts_in_session >= p.hangup_after_rcpts:

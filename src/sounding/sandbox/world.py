@@ -31,6 +31,12 @@ import yaml
 from ..errors import ConfigError
 
 Style = Literal["generic", "google", "microsoft", "yahoo"]
+#: Protocol faults of quirky or hostile servers (issue 8). ``double_greeting``: a second
+#: ``220`` right after the first; ``unsolicited_reply``: a ``550`` right after the greeting;
+#: ``starttls_inject``: fake replies glued after ``220 Ready to start TLS`` (RFC 3207 §4.2);
+#: ``garbled_code``: RCPT answered with Arabic-Indic digits (``٢٥٠``/``٥٥٠``). No verifier
+#: can know anything about a mailbox on such a host: the truth is unknown.
+Quirk = Literal["double_greeting", "unsolicited_reply", "starttls_inject", "garbled_code"]
 DnsMode = Literal["ok", "nxdomain", "servfail", "timeout"]
 
 
@@ -86,6 +92,8 @@ class Personality:
     block_all: bool = False
     #: Nothing listens: connections are refused (a primary MX that is down).
     refuse: bool = False
+    #: A protocol fault (see :data:`Quirk`): every address on this host is unknown.
+    quirk: Quirk | None = None
     #: Seconds of client silence before the server hangs up (RFC 5321 §4.5.3.2.7: 5 min).
     idle_timeout: float = 300.0
 
@@ -123,6 +131,10 @@ PERSONALITIES: dict[str, Personality] = {
     "down": _H.with_(name="down", refuse=True),
     "dnsbl_reject": _H.with_(name="dnsbl_reject", dnsbl_reject=True),
     "block_all": _H.with_(name="block_all", block_all=True),
+    "double_greeting": _H.with_(name="double_greeting", quirk="double_greeting"),
+    "unsolicited_reply": _H.with_(name="unsolicited_reply", quirk="unsolicited_reply"),
+    "starttls_inject": _H.with_(name="starttls_inject", starttls=True, quirk="starttls_inject"),
+    "garbled_code": _H.with_(name="garbled_code", quirk="garbled_code"),
 }
 
 
@@ -240,6 +252,8 @@ class World:
                 return Truth("unknown", "no_mx_address")
             return Truth("unknown", "connect_failed")
         p = usable[0].personality
+        if p.quirk is not None:  # replies out of step or not SMTP: nothing can be known
+            return Truth("unknown", "protocol_error")
         if p.block_all:
             return Truth("unknown", "ip_blocked")
         if p.refuse_all_rcpts and not p.accept_all:
@@ -383,6 +397,9 @@ def default_world(*, greylist_delay: float = 2.0, tarpit_delay: float = 0.3) -> 
         "rcptlimit": "rcpt_limit", "drop": "drop", "banner": "multiline_greeting",
         "tls": "require_tls", "stricthelo": "strict_helo", "dnsbl": "dnsbl_reject",
         "blocked": "block_all", "dropper": "dropper", "refuseall": "refuse_all",
+        # protocol faults (issue 8): whatever they say, nothing is known about a mailbox
+        "doublegreet": "double_greeting", "unsolicited": "unsolicited_reply",
+        "tlsinject": "starttls_inject", "garbled": "garbled_code",
     }  # fmt: skip
     for short, pers in simple.items():
         w.add_host(f"mx1.{short}.example", pers)
