@@ -417,9 +417,10 @@ class SMTPPersonalityServer:
                 reply = "502 5.5.1 Command not implemented"
             else:
                 reply = "500 5.5.2 Error: command not recognized"
+            garble = verb == "RCPT" and p.quirk == "garbled_code"
             ev(ev="cmd", verb=verb, arg=arg if verb in ("MAIL", "RCPT", "EHLO", "HELO") else "",
-               code=int(reply[:3]))
-            if verb == "RCPT" and p.quirk == "garbled_code":
+               code=None if garble else int(reply[:3]))  # a garbled code is no SMTP code
+            if garble:
                 reply = reply[:3].translate(_ARABIC_INDIC) + reply[3:]
             await send(reply)
             if verb == "RCPT" and p.hangup_after_rcpts is not None and \
