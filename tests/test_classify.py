@@ -205,10 +205,12 @@ def test_hostile_text_costs_little_and_never_raises() -> None:
 
     for text in ("client address " * 20000, "(" * 50000 + "user", "550-" * 100000, "a@" * 100000,
                  "[192.0.2.1] " * 40000, "\x00\xff" * 50000):
-        t0 = time.perf_counter()
+        # CPU time of this process, not wall time: other work on the machine does not count
+        # (a regex blow-up took 31 s of CPU on one such text before the patterns were bounded)
+        t0 = time.process_time()
         c = classify_parts(550, None, text)
         assert c.outcome is not Outcome.NO_MAILBOX
-        assert time.perf_counter() - t0 < 1.0, text[:20]
+        assert time.process_time() - t0 < 1.0, text[:20]
 
 
 def test_memoised_classification_equals_a_fresh_reading() -> None:
