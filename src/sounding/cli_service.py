@@ -96,9 +96,13 @@ def worker(
     nameserver: NsOpt = None, smtp_port: PortOpt = None, allow_private_mx: PrivOpt = False,
     config: CfgOpt = None,
 ) -> None:
-    """Run jobs only (no HTTP): pair with ``serve --no-worker`` so verification and the API
-    do not share one event loop. On PostgreSQL, any number of workers (each with its own
-    --source-ip) form one fleet: each receiver is owned by one worker at a time."""
+    """Run jobs only (no HTTP); on PostgreSQL, workers form one fleet.
+
+    Pair with `serve --no-worker` so that verification and the API do not share one event loop.
+
+    On PostgreSQL any number of workers, each with its own --source-ip, form one fleet.
+
+    Each receiver is owned by one worker at a time."""
     import signal
 
     from .service import Service
