@@ -4,6 +4,7 @@ PostgreSQL answering single verifications and jobs through its receivers' owner.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -107,6 +108,44 @@ async def test_courtesy_rows_merge_instead_of_last_writer_wins(fleet: FleetStore
     async with fleet.session() as s:
         row = (await s.execute(select(CourtesyPair))).scalar_one()
     assert (row.rep, row.until, row.last_used) == ("banned", ban["until"], now)
+
+
+async def test_owners_storing_verdicts_for_the_same_jobs_at_once_neither_deadlock_nor_lose_any(
+        fleet: FleetStore, pg_db: str) -> None:
+    """Two workers (two connection pools) store their receivers' verdicts at the same time
+    into the same two jobs, each naming the jobs in the other order. PostgreSQL once aborted
+    one of them as a deadlock victim, the owner's writer died with it, and the receiver's
+    work stalled with a live lease: every write must go through, every count must add up."""
+    st = fleet.store
+    other = await Store.open(pg_db)
+    try:
+        f2 = FleetStore(other)
+        c, _ = await st.create_client("acme")
+        n = 40
+        # job 1 holds a0, a2, ... and b1, b3, ...; job 2 the rest: receiver A's pairs are
+        # (job 1, job 2), receiver B's (job 2, job 1)
+        a = [f"a{i}@a.example" for i in range(2 * n)]
+        b = [f"b{i}@b.example" for i in range(2 * n)]
+        one = [x for i, x in enumerate(a) if i % 2 == 0] + [x for i, x in enumerate(b) if i % 2]
+        two = [x for i, x in enumerate(a) if i % 2] + [x for i, x in enumerate(b) if i % 2 == 0]
+        jobs = [await st.create_job(c.id, f"{j}.csv", "csv", ["email"], "email",
+                                    [(i + 1, [x], x, x, "", None) for i, x in enumerate(keys)])
+                for j, keys in ((1, one), (2, two))]
+        await fleet.add_work([(x, "mx.a.example") for x in a] + [(x, "mx.b.example") for x in b])
+        la, lb = await fleet.take("mx.a.example", "wA", 60), await f2.take("mx.b.example", "wB", 60)
+        assert la is not None and lb is not None
+        # each session's verdicts as they come: A's name job 1 first, B's job 2 first
+        stored = await asyncio.gather(*(
+            x for r in range(n) for x in (
+                fleet.record(la, [(k, _v(k)) for k in a[2 * r:2 * r + 2]], {k: 60 for k in a[2 * r:2 * r + 2]}),
+                f2.record(lb, [(k, _v(k)) for k in b[2 * r:2 * r + 2]], {}))))
+        assert sum(stored) == 4 * n
+        for job in jobs:
+            p = await st.progress(job)
+            assert (p.job.state, p.job.done, p.job.total) == ("done", 2 * n, 2 * n)
+        assert await fleet.pending("mx.a.example", set()) == [] and await fleet.pending("mx.b.example", set()) == []
+    finally:
+        await other.close()
 
 
 # ---------------------------------------------------------------------------- the service

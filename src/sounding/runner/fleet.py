@@ -57,6 +57,9 @@ LEASE = 10.0  # seconds of ownership per renewal; renewed every LEASE/4
 MARGIN = 2.0  # a worker stops sending this long before its lease ends by its own clock
 QUEUE = "sounding"
 CANARY_EVERY = 86_400.0  # seconds between two checks of one canary
+FAIR_PASSES = 6  # an ``own`` task is passed on at most this many times before it is taken anyway
+FAIR_DELAY = 0.3  # seconds before a passed-on ``own`` task may run again
+WRITE_ATTEMPTS = 5  # a session's verdicts are stored with this many tries before giving the receiver up
 
 
 def conninfo(url: str) -> str:
@@ -112,8 +115,8 @@ def make_app(url: str, worker: FleetWorker | None = None, *, pool_size: int = 10
         await rt().plan(job_id, keys or [], fresh)
 
     @app.task(name="sounding.own", queue=QUEUE)
-    async def own(receiver: str, tries: int = 0) -> None:
-        await rt().own(receiver, tries)
+    async def own(receiver: str, tries: int = 0, passed: int = 0) -> None:
+        await rt().own(receiver, tries, passed)
 
     @app.periodic(cron="* * * * * */3", periodic_id="recover")
     @app.task(name="sounding.recover", queue=QUEUE, queueing_lock="sounding.recover")
@@ -134,7 +137,7 @@ def make_app(url: str, worker: FleetWorker | None = None, *, pool_size: int = 10
 
 
 async def defer_own(app: procrastinate.App, receivers: set[str] | list[str], *, tries: int = 0,
-                    delay: float = 0.0) -> None:
+                    delay: float = 0.0, passed: int = 0) -> None:
     """One pending ``own`` task per receiver (a queueing lock makes extra ones no-ops)."""
     task = app.tasks["sounding.own"]
     for r in receivers:
@@ -142,7 +145,7 @@ async def defer_own(app: procrastinate.App, receivers: set[str] | list[str], *, 
         if delay:
             opts["schedule_in"] = {"seconds": delay}
         with contextlib.suppress(AlreadyEnqueued):
-            await task.configure(**opts).defer_async(receiver=r, tries=tries)
+            await task.configure(**opts).defer_async(receiver=r, tries=tries, passed=passed)
 
 
 class FleetClient:
@@ -392,10 +395,16 @@ class FleetWorker:
         await self.store.put_kv("canaries_asked", asked)
 
     # ------------------------------------------------------------------ ownership
-    async def own(self, receiver: str, tries: int) -> None:
+    async def own(self, receiver: str, tries: int, passed: int = 0) -> None:
         """Own ``receiver`` until its work is done (see module docstring)."""
         if self.stopping or receiver in self.owned or receiver in self._taking:
             return  # ours already: the running owner finds the new work
+        if passed < FAIR_PASSES and await self._over_share():
+            # procrastinate hands a worker as many tasks as it has room for, so the first
+            # worker to wake would own every receiver: past its fair share it passes the
+            # receiver on (a while, and only while other workers are alive to take it)
+            await defer_own(self.app, [receiver], tries=tries, passed=passed + 1, delay=FAIR_DELAY)
+            return
         self._taking.add(receiver)
         try:
             lease = await self.fleet.take(receiver, self.name, LEASE)
@@ -421,6 +430,20 @@ class FleetWorker:
             await self._drain(receiver, o, lim)
         finally:
             self.owned.pop(receiver, None)
+
+    async def _over_share(self) -> bool:
+        """This worker owns (or is taking) its fair share of the receivers with work already:
+        ``ceil(receivers / live workers)``. Never with one live worker."""
+        from sqlalchemy import text
+
+        live = await self._live_workers()
+        if live <= 1:
+            return False
+        with contextlib.suppress(Exception):
+            async with self.store.session() as s:
+                n = int((await s.execute(text("SELECT count(DISTINCT receiver) FROM work"))).scalar_one())
+            return len(self.owned) + len(self._taking) >= -(-n // live)
+        return False
 
     async def _live_workers(self) -> int:
         from sqlalchemy import text
@@ -574,12 +597,26 @@ class FleetWorker:
                     dom = k.rpartition("@")[2]
                     known = seen.get(dom, (None, None))[1]
                     seen[dom] = (x.evidence.mx_host, ca if ca is not None else known)
-            try:
-                await self.fleet.record(o.lease, rows, {k: cache_ttl(x, s) for k, x in batch}, domains=seen,
-                                        domain_ttl=s.catch_all_ttl, **self._courtesy(receiver))
-            except Fenced:
-                o.lost = True
-                log.warning("%s: late verdicts for %s refused", self.name, receiver)
+            for attempt in range(WRITE_ATTEMPTS):
+                try:
+                    await self.fleet.record(o.lease, rows, {k: cache_ttl(x, s) for k, x in batch}, domains=seen,
+                                            domain_ttl=s.catch_all_ttl, **self._courtesy(receiver))
+                    return
+                except Fenced:
+                    o.lost = True
+                    log.warning("%s: late verdicts for %s refused", self.name, receiver)
+                    return
+                except Exception:
+                    log.exception("%s: storing %d verdicts for %s failed (attempt %d of %d)", self.name,
+                                  len(rows), receiver, attempt + 1, WRITE_ATTEMPTS)
+                    if o.lost:
+                        return
+                    await asyncio.sleep(min(4.0, 0.25 * 2 ** attempt))
+            # The database will not take them: stop starting sessions and hand the receiver over
+            # rather than go on asking and lose every answer. The work rows stay, so the next
+            # owner asks these addresses again.
+            o.stopping = True
+            log.error("%s: gave %s up: %d verdicts could not be stored", self.name, receiver, len(rows))
 
         async def writer() -> None:
             done = False
@@ -615,6 +652,13 @@ class FleetWorker:
         idle_since: float | None = None
         try:
             while o.may_start() and not self.stopping:
+                if wr.done() or runner.done():
+                    # the writer or the verifier run ended under us (a bug, or the database
+                    # would not take verdicts): owning the receiver on would hold its work forever
+                    log.error("%s: %s stopped while owning %s; handing it over", self.name,
+                              "storing verdicts" if wr.done() else "verifying", receiver)
+                    o.stopping = True
+                    break
                 todo = await self.fleet.pending(receiver, set(o.fed), 500)
                 if not todo and not o.fed:
                     idle_since = idle_since or time.monotonic()

@@ -15,18 +15,46 @@ workers on machines with skewed clocks agree.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from ..errors import StoreError
 from .models import CachedVerdict, CourtesyPair, Job, JobRow, ReceiverLease, WorkItem
 from .store import ACTIVE, Store
 
 _NOW = "extract(epoch from clock_timestamp())"
+
+
+#: PostgreSQL's SQLSTATEs for a transaction aborted only because another one ran at the same
+#: time (deadlock_detected, serialization_failure): trying again is the documented remedy.
+TRANSIENT = frozenset({"40P01", "40001"})
+
+T = TypeVar("T")
+
+
+def transient(exc: BaseException) -> bool:
+    """A database error that another attempt of the same transaction may not meet."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in TRANSIENT
+
+
+async def retrying(once: Callable[[], Awaitable[T]], attempts: int = 6) -> T:
+    """Run the transaction ``once`` again (after a short random pause) when it was aborted as
+    a deadlock victim or a serialization failure; other errors, and :class:`Fenced`, pass."""
+    for i in range(attempts):
+        try:
+            return await once()
+        except DBAPIError as exc:
+            if not transient(exc) or i == attempts - 1:
+                raise
+            await asyncio.sleep(random.uniform(0.01, 0.05) * (2 ** i))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Fenced(StoreError):
@@ -158,17 +186,22 @@ class FleetStore:
         Returns the receivers that got work."""
         now = time.time()
         rcv: set[str] = set()
-        rows = [{"key": k, "receiver": r, "fresh": fresh, "created": now} for k, r in items]
+        rows = sorted(({"key": k, "receiver": r, "fresh": fresh, "created": now} for k, r in items),
+                      key=lambda r: str(r["key"]))  # locked in address order, like every writer
         if not rows:
             return rcv
-        async with self.session() as s, s.begin():
-            for i in range(0, len(rows), 1000):
-                ins = self.store._insert(WorkItem).values(rows[i:i + 1000])
-                if fresh:
-                    ins = ins.on_conflict_do_update(index_elements=["key"], set_={"fresh": True})
-                else:
-                    ins = ins.on_conflict_do_nothing(index_elements=["key"])
-                await s.execute(ins)
+
+        async def once() -> None:
+            async with self.session() as s, s.begin():
+                for i in range(0, len(rows), 1000):
+                    ins = self.store._insert(WorkItem).values(rows[i:i + 1000])
+                    if fresh:
+                        ins = ins.on_conflict_do_update(index_elements=["key"], set_={"fresh": True})
+                    else:
+                        ins = ins.on_conflict_do_nothing(index_elements=["key"])
+                    await s.execute(ins)
+
+        await retrying(once)
         rcv.update(str(r["receiver"]) for r in rows)
         return rcv
 
@@ -213,12 +246,15 @@ class FleetStore:
     async def mark_inflight(self, lease: Lease, keys: Sequence[str]) -> bool:
         """Record that these recipients are about to go on the wire; False (and nothing
         written) when the lease is no longer ours — the session must not start."""
-        async with self.session() as s, s.begin():
-            if not await self._fence(s, lease):
-                return False
-            await s.execute(update(WorkItem).where(WorkItem.key.in_(list(keys))).values(
-                inflight_token=lease.token, inflight_at=time.time()))
-        return True
+        async def once() -> bool:
+            async with self.session() as s, s.begin():
+                if not await self._fence(s, lease):
+                    return False
+                await s.execute(update(WorkItem).where(WorkItem.key.in_(sorted(keys))).values(
+                    inflight_token=lease.token, inflight_at=time.time()))
+            return True
+
+        return await retrying(once)
 
     async def record(self, lease: Lease, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float], *,
                      domains: dict[str, tuple[str | None, bool | None]] | None = None, domain_ttl: float = 0.0,
@@ -227,64 +263,78 @@ class FleetStore:
         """Fenced: store verdicts into every job's rows still empty for those addresses, the
         verdict cache, the domains' findings and the receiver's courtesy state; the work is
         done. Raises :class:`Fenced` (writing nothing) when the lease is no longer ours."""
-        now = time.time()
-        n = 0
-        async with self.session() as s, s.begin():
-            if not await self._fence(s, lease):
-                raise Fenced(f"lease on {lease.receiver} lost (token {lease.token}): {len(results)} verdicts refused")
-            per_job: dict[str, int] = {}
-            for key, v in results:
-                res = await s.execute(update(JobRow).where(JobRow.key == key, JobRow.done_at.is_(None)).values(
-                    status=v["status"], reason=v["reason"], result=v, done_at=now).returning(JobRow.job_id))
-                for (jid,) in res.all():
-                    per_job[jid] = per_job.get(jid, 0) + 1
-                    n += 1
-            if ttl:
-                await self.store._cache(s, [(k, v) for k, v in results if k in ttl], ttl, now)
-            keys = [k for k, _ in results]
-            for i in range(0, len(keys), 1000):
-                await s.execute(delete(WorkItem).where(WorkItem.key.in_(keys[i:i + 1000]),
-                                                       WorkItem.receiver == lease.receiver))
-            for jid, c in per_job.items():
-                await s.execute(update(Job).where(Job.id == jid).values(done=Job.done + c))
-            if per_job:
-                await s.execute(update(Job).where(Job.id.in_(list(per_job)), Job.state.in_(ACTIVE),
-                                                  Job.done >= Job.total).values(
-                    state="done", finished_at=now, lease_owner=None, lease_until=None))
-            if domains:
-                await self.store._note_domains(s, domains, domain_ttl, now)
-            await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
-        return n
+
+        async def once() -> int:
+            now = time.time()
+            async with self.session() as s, s.begin():
+                if not await self._fence(s, lease):
+                    raise Fenced(f"lease on {lease.receiver} lost (token {lease.token}): "
+                                 f"{len(results)} verdicts refused")
+                n = await self._store_verdicts(s, results, ttl, now, receiver=lease.receiver)
+                if domains:
+                    await self.store._note_domains(s, dict(sorted(domains.items())), domain_ttl, now)
+                await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
+            return n
+
+        return await retrying(once)
 
     async def record_unfenced(self, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float]) -> int:
         """Verdicts no receiver was asked for (cache hits, syntax): same rules, no lease."""
-        now = time.time()
+
+        async def once() -> int:
+            async with self.session() as s, s.begin():
+                return await self._store_verdicts(s, results, ttl, time.time())
+
+        return await retrying(once)
+
+    async def _store_verdicts(self, s: Any, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float],
+                              now: float, *, receiver: str | None = None) -> int:
+        """The verdicts into the jobs' empty rows, the jobs' counters (a job whose every row is
+        answered is done), the cache; their work rows deleted (``receiver``'s only, if given).
+
+        Rows are locked in one order in every transaction — job rows by address, then jobs by
+        id, then cache rows by address — so that two workers storing verdicts for the same jobs
+        at once cannot deadlock (they did: each held one job's counter and waited for the
+        other's, and PostgreSQL aborted one of them)."""
+        results = sorted(results, key=lambda kv: kv[0])
         n = 0
-        async with self.session() as s, s.begin():
-            per_job: dict[str, int] = {}
-            for key, v in results:
-                res = await s.execute(update(JobRow).where(JobRow.key == key, JobRow.done_at.is_(None)).values(
-                    status=v["status"], reason=v["reason"], result=v, done_at=now).returning(JobRow.job_id))
-                for (jid,) in res.all():
-                    per_job[jid] = per_job.get(jid, 0) + 1
-                    n += 1
-            if ttl:
-                await self.store._cache(s, [(k, v) for k, v in results if k in ttl], ttl, now)
-            keys = [k for k, _ in results]
-            for i in range(0, len(keys), 1000):
-                await s.execute(delete(WorkItem).where(WorkItem.key.in_(keys[i:i + 1000])))
-            for jid, c in per_job.items():
-                await s.execute(update(Job).where(Job.id == jid).values(done=Job.done + c))
+        per_job: dict[str, int] = {}
+        for key, v in results:
+            res = await s.execute(update(JobRow).where(JobRow.key == key, JobRow.done_at.is_(None)).values(
+                status=v["status"], reason=v["reason"], result=v, done_at=now).returning(JobRow.job_id))
+            for (jid,) in res.all():
+                per_job[jid] = per_job.get(jid, 0) + 1
+                n += 1
+        for jid in sorted(per_job):
+            await s.execute(update(Job).where(Job.id == jid).values(done=Job.done + per_job[jid]))
+        if per_job:
+            await s.execute(update(Job).where(Job.id.in_(sorted(per_job)), Job.state.in_(ACTIVE),
+                                              Job.done >= Job.total).values(
+                state="done", finished_at=now, lease_owner=None, lease_until=None))
+        if ttl:
+            await self.store._cache(s, [(k, v) for k, v in results if k in ttl], ttl, now)
+        keys = [k for k, _ in results]
+        for i in range(0, len(keys), 1000):
+            q = delete(WorkItem).where(WorkItem.key.in_(keys[i:i + 1000]))
+            if receiver is not None:
+                q = q.where(WorkItem.receiver == receiver)
+            await s.execute(q)
         return n
 
     async def finish_complete_jobs(self, job_ids: Sequence[str] | None = None) -> None:
-        """Jobs whose every row has a verdict are done."""
+        """Jobs whose every row has a verdict are done (rows locked by id, like every writer)."""
         now = time.time()
-        q = update(Job).where(Job.state.in_(ACTIVE), Job.done >= Job.total)
+        pick = select(Job.id).where(Job.state.in_(ACTIVE), Job.done >= Job.total)
         if job_ids is not None:
-            q = q.where(Job.id.in_(list(job_ids)))
-        async with self.session() as s, s.begin():
-            await s.execute(q.values(state="done", finished_at=now, lease_owner=None, lease_until=None))
+            pick = pick.where(Job.id.in_(list(job_ids)))
+        pick = pick.order_by(Job.id).with_for_update()
+
+        async def once() -> None:
+            async with self.session() as s, s.begin():
+                await s.execute(update(Job).where(Job.id.in_(pick.scalar_subquery())).values(
+                    state="done", finished_at=now, lease_owner=None, lease_until=None))
+
+        await retrying(once)
 
     async def job_keys(self, job_id: str) -> list[str]:
         """The job's distinct addresses still without a verdict (marks the job running)."""
