@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
+
 from sounding.engine import Verifier
 from sounding.sandbox import Sandbox, World
 from sounding.verdict import Reason, Status
@@ -198,3 +200,42 @@ async def test_hostile_server_cannot_hang_or_flood_the_engine() -> None:
         await s1.wait_closed()
         await s2.wait_closed()
         await sb.stop()
+
+
+async def test_concurrent_verify_calls_share_one_run_and_each_gets_its_own_verdict(world_sandbox: Sandbox) -> None:
+    """``asyncio.gather`` over ``verify`` on one verifier: every caller gets the verdict of
+    the address it asked about, and the receivers' limits hold for all the calls together."""
+    sb = world_sandbox
+    sample = [(a, t) for a, t, _ in sb.world.sample() if a.endswith(("@example.com", "@greylist.example"))][:24]
+    assert len(sample) >= 10
+    async with Verifier(sandbox_settings(sb)) as v:
+        got = await asyncio.gather(*(v.verify(a) for a, _ in sample))
+        assert [x.address for x in got] == [a for a, _ in sample]
+        assert [x.status.value for x in got] == [t.status for _, t in sample]
+        # one run served them: few sessions, never more than two at once on a host
+        for host in sb.world.hosts:
+            assert sb.log.max_concurrency(host) <= 2, host
+        # the run ended once nobody waited; a later call starts the next one
+        again = await v.verify(sample[0][0])
+        assert again.status.value == sample[0][1].status
+
+
+async def test_a_second_verify_many_on_a_running_verifier_is_refused(world_sandbox: Sandbox) -> None:
+    """Two runs on one verifier would mix their verdicts (one output queue, one set of
+    receiver groups): the second is refused, clearly, and the first is not disturbed."""
+    from sounding.errors import VerifierBusy
+
+    sb = world_sandbox
+    good = sorted(a for a, t, _ in sb.world.sample() if t.status == "deliverable")[:3]
+    v = Verifier(sandbox_settings(sb))
+    first = v.verify_many(good[:2])
+    one = await first.__anext__()
+    with pytest.raises(VerifierBusy):
+        async for _ in v.verify_many(good[2:]):
+            pass
+    with pytest.raises(VerifierBusy):
+        await v.verify(good[2])
+    rest = [x async for x in first]
+    assert sorted(x.address for x in [one, *rest]) == good[:2]
+    assert {x.status for x in [one, *rest]} == {Status.DELIVERABLE}
+    assert (await v.verify(good[2])).status is Status.DELIVERABLE  # free again

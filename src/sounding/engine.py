@@ -30,7 +30,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .absorb import (
     Absorbed,
@@ -50,7 +50,7 @@ from .courtesy.exemptions import ExemptionRegistry
 from .courtesy.pool import Source, SourcePool
 from .courtesy.profiles import Profile, ProfileSet
 from .dns import MxResolver, MxResult, make_resolver
-from .errors import AddressError
+from .errors import AddressError, VerifierBusy
 from .probe import Prober
 from .schedule import (
     ConductStats,
@@ -66,6 +66,9 @@ from .schedule.capacity import SessionCap, dns_share, session_ceiling
 from .settings import Settings
 from .smtp.client import Opener, SessionResult
 from .verdict import Reason, Status, Verdict, from_dns, unknown, unparseable
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
 
 __all__ = ["FLUSH", "ConductStats", "Verifier"]
 
@@ -217,19 +220,64 @@ class Verifier:
         self._lag: asyncio.Task[None] | None = None
         self._runs = 0
         self._out: asyncio.Queue[Verdict] | None = None
+        self._running = False  # a verify_many run is in progress (one at a time)
+        #: the run serving concurrent verify() calls, and the lock that starts/ends it
+        self._shared: Dispatcher | None = None
+        self._shared_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._draining = False
 
     # ------------------------------------------------------------------ public
+    async def __aenter__(self) -> Verifier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for the run that serves concurrent :meth:`verify` calls to end (it ends by
+        itself once nobody waits); the receivers' history is saved as every run ends."""
+        d = self._shared
+        if d is not None:
+            await d.finished()
+
     async def verify(self, address: str) -> Verdict:
-        """Verify one address."""
-        async for v in self.verify_many([address]):
-            return v
-        raise AssertionError("verify_many yielded nothing")  # pragma: no cover
+        """Verify one address. Concurrent calls on one verifier share one run, so the
+        receivers' limits hold for all of them together (``asyncio.gather`` works)."""
+        from .dispatch import Dispatcher
+
+        async with self._shared_lock:
+            d = self._shared
+            if d is None or d.closing:
+                if d is not None:
+                    await d.finished()  # the previous run ends first: one run at a time
+                if self._running:
+                    raise VerifierBusy("this Verifier is running verify_many: verify() would start a second "
+                                       "run beside it; add the address to that run, or use another Verifier")
+                d = self._shared = Dispatcher(self, until_idle=True)
+                await d.start()
+            fut = d.submit(address)
+        return await fut
 
     async def verify_many(self, addresses: Iterable[str] | AsyncIterable[str]
                           ) -> AsyncIterator[Verdict]:
-        """Verify many addresses; yield verdicts as they finish (each has ``index``)."""
+        """Verify many addresses; yield verdicts as they finish (each has ``index``).
+
+        One run at a time per verifier (its receivers' limits are the run's): a second
+        ``verify_many`` while one runs raises :class:`~sounding.errors.VerifierBusy`; feed one
+        run from a queue instead (:class:`sounding.dispatch.Dispatcher` does)."""
+        if self._running:
+            raise VerifierBusy("this Verifier is already running verify_many; one run at a time "
+                               "(feed it from a queue: sounding.dispatch.Dispatcher), or use another Verifier")
+        self._running = True
+        try:
+            async for v in self._verify_many(addresses):
+                yield v
+        finally:
+            self._running = False
+
+    async def _verify_many(self, addresses: Iterable[str] | AsyncIterable[str]
+                           ) -> AsyncIterator[Verdict]:
         out: asyncio.Queue[Verdict] = asyncio.Queue()
         self._out = out
         if self.exemptions is not None:

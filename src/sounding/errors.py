@@ -12,6 +12,7 @@ cannot bind its addresses.
     ├── InputError             an input list that cannot be read at all
     ├── SandboxError           the simulated mail world could not start
     ├── StoreError             the database cannot be opened or migrated
+    ├── VerifierBusy           a second verify_many run on one verifier
     ├── AddressError           an address that cannot be parsed (carries the reason)
     └── TransportError         network failures, translated at the boundary
         ├── DNSFailure         SERVFAIL, timeout, no nameserver answered
@@ -38,6 +39,11 @@ class InputError(SoundingError):
 
 class StoreError(SoundingError):
     """The database cannot be opened, migrated or written."""
+
+
+class VerifierBusy(SoundingError):
+    """A second ``verify_many`` run on a verifier that is running one (one run at a time:
+    the receivers' limits are the run's)."""
 
 
 class SandboxError(SoundingError):

@@ -231,7 +231,10 @@ class FleetWorker:
         self.exemptions = ExemptionRegistry(loader=self._exemption_entries, max_age=5.0)
         self.concurrency = concurrency
         self.url = store_url(store)
-        self.app = make_app(self.url, self, pool_size=max(4, min(concurrency, 20)))
+        # procrastinate holds a connection only to fetch, finish or heartbeat a task (the
+        # long-running ``own`` tasks hold none): a few are enough, and a fleet of workers must
+        # stay within the server's max_connections with the stores' own pools
+        self.app = make_app(self.url, self, pool_size=max(4, min(concurrency, 8)))
         self.owned: dict[str, _Owned] = {}
         self._taking: set[str] = set()
         #: what this worker learnt about domains (catch-all probes), shared by its receivers

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..address import parse_address
 from ..courtesy.exemptions import Exemption, ExemptionRegistry, Kind, parse_entry, proof_name, proof_text
 from ..courtesy.optout import Assessment, Decision, OptOutPolicy
+from ..dispatch import Dispatcher
 from ..dns import txt_strings
 from ..engine import Verifier
 from ..errors import AddressError, DNSFailure, InputError
@@ -34,7 +35,6 @@ from ..store.models import Client, ExemptionRow, Job
 from ..store.registry import as_exemption
 from ..uploadparse import OverCap, ParsedMeta, rows_from_process
 from ..verdict import Evidence, Reason, Status, Verdict, unparseable
-from .dispatch import Dispatcher
 from .transcripts import mask_line, pair_commands, rcpt_domain
 from .uploads import Spooled
 

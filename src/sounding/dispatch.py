@@ -1,9 +1,11 @@
-"""One long-running verifier for the whole service.
+"""One verifier run fed from a queue, for callers that come and go.
 
-Every job and every single verification goes through one :class:`~sounding.engine.Verifier`
-run (one ``verify_many`` fed from a queue), so that the per-receiver limits, the source pool's
-reputation and the harvest budget hold for everything the service does at once — receivers see
-the service as one sender, however many clients it has.
+Every job and every single verification of the service goes through one
+:class:`~sounding.engine.Verifier` run (one ``verify_many`` fed from a queue), so that the
+per-receiver limits, the source pool's reputation and the harvest budget hold for everything
+the service does at once — receivers see the service as one sender, however many clients it
+has. :meth:`Verifier.verify <sounding.engine.Verifier.verify>` uses the same for concurrent
+calls (``until_idle``: the run ends when nobody waits any more).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from ..engine import FLUSH, Verifier
-from ..smtp.client import SessionResult
-from ..verdict import Verdict
+from .engine import FLUSH, Verifier
+from .smtp.client import SessionResult
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +25,17 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     """``await submit(address)`` returns that address's verdict; ordering is the engine's."""
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, *, until_idle: bool = False) -> None:
         self.verifier = verifier
         self._feed: asyncio.Queue[str | None] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[Verdict]] = {}
         self._next = 0
         self._task: asyncio.Task[None] | None = None
-        self.on_session: list[Callable[[SessionResult], None]] = []
+        #: end the run once nothing is waiting (``closing`` from then on: submit elsewhere)
+        self.until_idle = until_idle
+        self.closing = False
+        prior = verifier.on_session
+        self.on_session: list[Callable[[SessionResult], None]] = [prior] if prior is not None else []
         verifier.on_session = self._session
 
     def _session(self, res: SessionResult) -> None:
@@ -60,9 +66,15 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._waiting)
 
+    async def finished(self) -> None:
+        """Wait for the run to end (after ``closing``)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(self._task)
+
     def submit(self, address: str) -> asyncio.Future[Verdict]:
         """Queue an address; the future resolves with its verdict."""
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self.closing:
             raise RuntimeError("dispatcher is not running")
         fut: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._waiting[self._next] = fut
@@ -86,6 +98,9 @@ class Dispatcher:
                     fut = self._waiting.pop(v.index, None)
                     if fut is not None and not fut.done():
                         fut.set_result(v)
+                    if self.until_idle and not self._waiting and not self.closing:
+                        self.closing = True  # in the same step: nothing can be submitted after
+                        self._feed.put_nowait(None)
                 return
             except asyncio.CancelledError:
                 raise
