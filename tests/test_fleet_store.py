@@ -248,3 +248,64 @@ async def test_a_worker_blocked_by_a_receiver_hands_it_to_one_with_clean_sources
     assert rows == {"ann@picky.example": ("deliverable", "accepted"), "ben@picky.example": ("deliverable", "accepted"),
                     "nobody@picky.example": ("undeliverable", "no_mailbox")}, (rows, by_source)
     assert by_source.count("127.0.0.66") == 1 and set(by_source) == {"127.0.0.66", "127.0.0.67"}
+
+
+async def test_a_receivers_next_owner_starts_from_the_domains_probe_findings(pg_db: str) -> None:
+    """Worker A verifies part of a domain and stops; worker B (a new process: nothing in
+    memory) owns the receiver for the rest. B asks only client addresses — postmaster@ and the
+    random catch-all probe were answered for A and stored — and its verdicts carry A's
+    evidence (the random probe's refusal) and are right."""
+    import asyncio
+
+    from sounding.runner.fleet import FleetWorker
+    from sounding.sandbox import World
+    from sounding.service.core import Service
+
+    from .conftest import start_world
+
+    w = World()
+    w.add_host("mx.keep.example", "honest")
+    w.add_domain("keep.example", mx=[(10, "mx.keep.example")], mailboxes=[f"u{i}" for i in range(6)],
+                 unknown=["gone"])
+    sb = await start_world(w)
+    st = await Store.open(pg_db)
+    try:
+        s = sandbox_settings(sb, db_url=pg_db, dnsbl_check=False)
+        svc = Service(s, st, worker=False)
+        await svc.start()
+        c, _ = await st.create_client("acme")
+
+        async def run(name: str, ip: str, addrs: list[str]) -> dict[str, tuple[str, str, str]]:
+            stop = asyncio.Event()
+            worker = FleetWorker(s.with_(source_ips=(ip,)), st, name=name)
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                body = ("email\n" + "".join(a + "\n" for a in addrs)).encode()
+                job = await svc.submit_job(c, f"{name}.csv", body)
+                for _ in range(600):
+                    p = await st.progress(await st.job(job.id))  # type: ignore[arg-type]
+                    if p.job.state not in ("queued", "running"):
+                        break
+                    await asyncio.sleep(0.1)
+                return {r.address: (r.status, r.reason, (r.result or {}).get("evidence", {}).get("decided_by") or "")
+                        async for r in st.rows(job.id)}
+            finally:
+                stop.set()
+                await task
+
+        first = await run("A", "127.0.0.71", ["u0@keep.example", "u1@keep.example"])
+        second = await run("B", "127.0.0.72", ["u2@keep.example", "u3@keep.example", "gone@keep.example"])
+        await svc.stop()
+    finally:
+        await st.close()
+        await sb.stop()
+    assert {a: x[:2] for a, x in first.items()} == {
+        "u0@keep.example": ("deliverable", "accepted"), "u1@keep.example": ("deliverable", "accepted")}
+    assert {a: x[:2] for a, x in second.items()} == {
+        "u2@keep.example": ("deliverable", "accepted"), "u3@keep.example": ("deliverable", "accepted"),
+        "gone@keep.example": ("undeliverable", "no_mailbox")}
+    asked = {src: [arg.lower() for x in sb.log.sessions("mx.keep.example") if x.client == src
+                   for verb, arg, _ in x.commands if verb == "RCPT"] for src in ("127.0.0.71", "127.0.0.72")}
+    assert any("postmaster@" in a for a in asked["127.0.0.71"])  # A asked the controls ...
+    assert sorted(asked["127.0.0.72"]) == sorted(f"to:<{a}>" for a in second)  # ... B only its addresses
+    assert all("random" in x[2] for x in second.values() if x[0] == "deliverable"), second

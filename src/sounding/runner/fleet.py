@@ -420,6 +420,9 @@ class FleetWorker:
         try:
             st = await self.fleet.state(receiver)
             self._load_courtesy(receiver, st.pairs, st.paused_until, st.paused_why)
+            # what earlier owners learnt of its domains (catch-all probes): not asked again
+            with contextlib.suppress(Exception):
+                self.domains.load_dict({"domains": await self.fleet.domain_findings(receiver)})
             lim = self._limiter(receiver, st.limiter, st.inflight)
             o.others = set(st.declined) - {self.name}
             if (not receiver.startswith("dns:") and self.pool.paused_until(receiver) is None
@@ -600,10 +603,11 @@ class FleetWorker:
                     dom = k.rpartition("@")[2]
                     known = seen.get(dom, (None, None))[1]
                     seen[dom] = (x.evidence.mx_host, ca if ca is not None else known)
+            findings = {d: f for d in seen if (f := self.domains.finding(d)) is not None}
             for attempt in range(WRITE_ATTEMPTS):
                 try:
                     await self.fleet.record(o.lease, rows, {k: cache_ttl(x, s) for k, x in batch}, domains=seen,
-                                            domain_ttl=s.catch_all_ttl, **self._courtesy(receiver))
+                                            domain_ttl=s.catch_all_ttl, findings=findings, **self._courtesy(receiver))
                     return
                 except Fenced:
                     o.lost = True

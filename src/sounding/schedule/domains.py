@@ -95,6 +95,15 @@ class DomainBook:
         out.append(Recipient(probe_address(p, random_local(self.rng)), "probe", first_seen=now))
         return out
 
+    def finding(self, name: str) -> dict[str, Any] | None:
+        """The domain's finished finding (catch-all known) as :meth:`DomainState.to_dict`, with
+        its ``age``; None while unknown or expired. Read-only: nothing is created."""
+        d = self._d.get(name)
+        now = self.clock()
+        if d is None or d.catch_all is None or now - d.created > self.ttl:
+            return None
+        return d.to_dict(now)
+
     def forget_open(self) -> None:
         """A run ended: probes still open will never answer; the next run asks again."""
         for d in self._d.values():
@@ -107,9 +116,11 @@ class DomainBook:
         return {"domains": [d.to_dict(now) for d in self._d.values()]}
 
     def load_dict(self, data: dict[str, Any]) -> None:
-        """Merge findings from :meth:`to_dict` (ours win where both know the domain)."""
+        """Merge findings from :meth:`to_dict` (ours win where both know the domain, unless
+        ours is still waiting for a probe nobody is asking)."""
         now = self.clock()
         for x in data.get("domains", []):
             d = DomainState.from_dict(x, now)
-            if d.name not in self._d:
+            cur = self._d.get(d.name)
+            if cur is None or (cur.catch_all is None and not cur.probe_assigned and d.catch_all is not None):
                 self._d[d.name] = d

@@ -213,6 +213,22 @@ class FleetStore:
                 .limit(limit + len(exclude)))).all()
         return [(k, bool(f)) for k, f in rows if k not in exclude][:limit]
 
+    async def domain_findings(self, receiver: str) -> list[dict[str, Any]]:
+        """The unexpired probe findings of the domains with work waiting at ``receiver``, each
+        with its ``age`` in seconds by the database's clock (for DomainBook.load_dict)."""
+        async with self.session() as s:
+            rows = (await s.execute(text(
+                f"SELECT d.findings, {_NOW} - d.checked_at FROM domain_cache d "
+                f"WHERE d.findings IS NOT NULL AND d.expires_at > {_NOW} AND d.domain IN ("
+                "SELECT DISTINCT substring(w.key from '@([^@]*)$') FROM work w WHERE w.receiver = :r)"),
+                {"r": receiver})).all()
+        out = []
+        for f, age in rows:
+            if isinstance(f, dict) and f.get("name"):
+                # its age when stored, plus the time since (a finding stays ``ttl`` old at most)
+                out.append({**f, "age": float(f.get("age") or 0.0) + max(0.0, float(age))})
+        return out
+
     async def jobs_of(self, keys: Sequence[str]) -> dict[str, set[str]]:
         """The jobs still waiting for each of these addresses (for the session log)."""
         out: dict[str, set[str]] = {}
@@ -258,11 +274,14 @@ class FleetStore:
 
     async def record(self, lease: Lease, results: Sequence[tuple[str, dict[str, Any]]], ttl: dict[str, float], *,
                      domains: dict[str, tuple[str | None, bool | None]] | None = None, domain_ttl: float = 0.0,
+                     findings: dict[str, dict[str, Any]] | None = None,
                      limiter: dict[str, Any] | None = None, pairs: Sequence[dict[str, Any]] = (),
                      paused: tuple[float, str] | None = None) -> int:
         """Fenced: store verdicts into every job's rows still empty for those addresses, the
-        verdict cache, the domains' findings and the receiver's courtesy state; the work is
-        done. Raises :class:`Fenced` (writing nothing) when the lease is no longer ours."""
+        verdict cache, the domains' findings (``findings``: the probes' replies, as
+        :meth:`~sounding.schedule.domains.DomainBook.finding` gives them) and the receiver's
+        courtesy state; the work is done. Raises :class:`Fenced` (writing nothing) when the
+        lease is no longer ours."""
 
         async def once() -> int:
             now = time.time()
@@ -272,7 +291,7 @@ class FleetStore:
                                  f"{len(results)} verdicts refused")
                 n = await self._store_verdicts(s, results, ttl, now, receiver=lease.receiver)
                 if domains:
-                    await self.store._note_domains(s, dict(sorted(domains.items())), domain_ttl, now)
+                    await self.store._note_domains(s, domains, domain_ttl, now, findings)
                 await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
             return n
 

@@ -100,6 +100,9 @@ class DomainInfo(Base):
     catch_all: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     checked_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+    #: the probes' replies (postmaster, random: schedule.domains.DomainState.to_dict), so that
+    #: the receiver's next owner in a fleet neither asks them again nor loses their evidence
+    findings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ExemptionRow(Base):

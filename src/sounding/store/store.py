@@ -24,7 +24,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Integer, case, delete, event, func, or_, select, update
+from sqlalchemy import Connection, Integer, case, delete, event, func, or_, select, text, update
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -486,12 +486,17 @@ class Store:
             await self._note_domains(s, seen, ttl, now)
 
     async def _note_domains(self, s: AsyncSession, seen: dict[str, tuple[str | None, bool | None]], ttl: float,
-                            now: float) -> None:
-        for domain, (mx_host, catch_all) in seen.items():
+                            now: float, findings: dict[str, dict[str, Any]] | None = None) -> None:
+        """Upsert each domain's MX host and catch-all flag (and the probes' ``findings``); a
+        session that learnt nothing new about the catch-all keeps what was known."""
+        findings = findings or {}
+        for domain, (mx_host, catch_all) in sorted(seen.items()):
             ins = self._insert(DomainInfo).values(domain=domain, mx_host=mx_host, catch_all=catch_all,
-                                                  checked_at=now, expires_at=now + ttl)
+                                                  checked_at=now, expires_at=now + ttl, findings=findings.get(domain))
             await s.execute(ins.on_conflict_do_update(index_elements=["domain"], set_={
-                "mx_host": mx_host, "catch_all": catch_all, "checked_at": now, "expires_at": now + ttl}))
+                "mx_host": mx_host, "checked_at": now, "expires_at": now + ttl,
+                "catch_all": text("COALESCE(excluded.catch_all, domain_cache.catch_all)"),
+                "findings": text("COALESCE(excluded.findings, domain_cache.findings)")}))
 
     # ------------------------------------------------------------------ exemptions
     async def exemptions(self, state: str | None = None) -> list[ExemptionRow]:
