@@ -191,6 +191,23 @@ async def test_service_on_postgresql_runs_on_the_fleet(pg_service: Any) -> None:
     assert any(job["id"] in x.job_ids.split() for x in logged)
 
 
+async def test_a_single_verification_is_answered_when_its_verdict_is_stored_not_at_the_next_poll(
+        pg_service: Any) -> None:
+    """The waiting request is woken by the verdict's NOTIFY: with the fallback poll set to a
+    minute, answers still come in seconds (they would time out if nothing woke them)."""
+    import time as _time
+
+    http, h, _sb = pg_service
+    fleet = http._transport.app.state.service.fleet
+    fleet.poll = 60.0
+    for addr, status in (("bob@honest.example", "deliverable"), ("nobody2@honest.example", "undeliverable")):
+        t0 = _time.monotonic()
+        r = await http.post("/v1/verify", json={"email": addr}, headers=h)
+        assert r.status_code == 200 and r.json()["status"] == status, r.text
+        assert _time.monotonic() - t0 < 30
+    assert fleet._waiters == {}  # nothing left behind
+
+
 def st_of(http: Any) -> Store:
     return http._transport.app.state.store  # type: ignore[no-any-return]
 

@@ -151,13 +151,18 @@ async def defer_own(app: procrastinate.App, receivers: set[str] | list[str], *, 
 class FleetClient:
     """What ``serve`` needs: defer planning, wait for a single verification's verdict."""
 
-    def __init__(self, settings: Settings, store: Store, app: procrastinate.App | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, app: procrastinate.App | None = None, *,
+                 poll: float = 2.0) -> None:
         self.settings = settings
         self.store = store
         self.fleet = FleetStore(store)
         self.url = store_url(store)
         self.app = app
         self._opened = False
+        #: seconds between two looks at the cache while waiting, should a notification be missed
+        self.poll = poll
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.app is None:
@@ -166,11 +171,43 @@ class FleetClient:
         if not self._opened:
             await self.app.open_async()
             self._opened = True
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="sounding-verdicts-listener")
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+            self._listener = None
         if self.app is not None and self._opened:
             await self.app.close_async()
             self._opened = False
+
+    async def _listen(self) -> None:
+        """LISTEN for stored verdicts and wake the requests waiting for them (one connection
+        for the whole service, reconnected after a failure)."""
+        import psycopg
+
+        from ..store.fleet import VERDICTS_CHANNEL
+
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo(self.url), autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {VERDICTS_CHANNEL}")
+                    self._wake(None)  # verdicts stored while we were not listening
+                    async for n in conn.notifies():
+                        self._wake(n.payload.split("\n") if n.payload else None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("listening for stored verdicts failed; trying again", exc_info=True)
+                await asyncio.sleep(1.0)
+
+    def _wake(self, keys: list[str] | None) -> None:
+        for k in (self._waiters if keys is None else keys):
+            for ev in self._waiters.get(k, ()):
+                ev.set()
 
     async def job_submitted(self, job_id: str) -> None:
         """Plan the job on a worker (LISTEN/NOTIFY wakes one at once)."""
@@ -181,14 +218,27 @@ class FleetClient:
         """Queue one address for its receiver's owner and wait for the stored verdict."""
         assert self.app is not None
         t0 = time.time()
-        await self.app.tasks["sounding.plan"].defer_async(keys=[key], fresh=fresh)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hit = (await self.fleet.cached_since([key], t0 - 0.001)).get(key)
-            if hit is not None:
-                return hit
-            await asyncio.sleep(0.1)
-        return None
+        ev = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(ev)
+        try:
+            await self.app.tasks["sounding.plan"].defer_async(keys=[key], fresh=fresh)
+            deadline = time.monotonic() + timeout
+            while True:
+                ev.clear()
+                hit = (await self.fleet.cached_since([key], t0 - 0.001)).get(key)
+                if hit is not None:
+                    return hit
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):  # woken by the verdict's NOTIFY
+                    await asyncio.wait_for(ev.wait(), min(left, self.poll))
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None:
+                waiting.discard(ev)
+                if not waiting:
+                    del self._waiters[key]
 
 
 @dataclass

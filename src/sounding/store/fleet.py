@@ -57,6 +57,17 @@ async def retrying(once: Callable[[], Awaitable[T]], attempts: int = 6) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+#: the LISTEN/NOTIFY channel on which stored verdicts are announced (payload: the addresses,
+#: one per line, or empty when they would not fit PostgreSQL's 8000-byte payload)
+VERDICTS_CHANNEL = "sounding_verdicts"
+
+
+def notify_payload(keys: Sequence[str], limit: int = 7900) -> str:
+    """The addresses as a NOTIFY payload; empty ("look again, all of you") past ``limit`` bytes."""
+    out = "\n".join(keys)
+    return out if len(out.encode()) <= limit else ""
+
+
 class Fenced(StoreError):
     """This worker no longer owns the receiver: its write was refused."""
 
@@ -338,6 +349,8 @@ class FleetStore:
             if receiver is not None:
                 q = q.where(WorkItem.receiver == receiver)
             await s.execute(q)
+        if keys:  # delivered at commit to whoever waits for these verdicts (FleetClient.verify)
+            await s.execute(text("SELECT pg_notify(:c, :p)"), {"c": VERDICTS_CHANNEL, "p": notify_payload(keys)})
         return n
 
     async def finish_complete_jobs(self, job_ids: Sequence[str] | None = None) -> None:
