@@ -47,6 +47,8 @@ async def test_a_lease_is_fenced_once_another_worker_took_it(fleet: FleetStore) 
     a = await fleet.take("mx.a.example", "wA", 30)
     assert a is not None and a.token == 1
     assert await fleet.take("mx.a.example", "wB", 30) is None  # a live owner holds it
+    # ... even against itself: a second take would fence the ownership it is running
+    assert await fleet.take("mx.a.example", "wA", 30) is None
     # wA stalls past its lease: wB takes over with a greater token
     async with fleet.session() as s, s.begin():
         await s.execute(text("UPDATE receivers SET lease_until = 0"))
@@ -146,6 +148,49 @@ async def test_owners_storing_verdicts_for_the_same_jobs_at_once_neither_deadloc
             p = await st.progress(job)
             assert (p.job.state, p.job.done, p.job.total) == ("done", 2 * n, 2 * n)
         assert await fleet.pending("mx.a.example", set()) == [] and await fleet.pending("mx.b.example", set()) == []
+    finally:
+        await other.close()
+
+
+async def test_a_worker_stopped_inside_a_transaction_does_not_hold_the_fleet_up(fleet: FleetStore, pg_db: str) -> None:
+    """A worker SIGSTOPped between two statements of a transaction keeps its row locks (here
+    on a job both workers store into) for as long as it is stopped. The server ends that
+    transaction after IDLE_IN_TX, and a live owner's writes wait for a lock at most
+    LOCK_TIMEOUT per try: it stores its verdicts and keeps its lease, and the stopped worker's
+    transaction commits nothing."""
+    from sqlalchemy import update as sa_update
+
+    from sounding.store.models import Job
+
+    st = fleet.store
+    other = await Store.open(pg_db)
+    try:
+        f2 = FleetStore(other)
+        c, _ = await st.create_client("acme")
+        keys = ["x@a.example", "y@b.example"]
+        job = await st.create_job(c.id, "l.csv", "csv", ["email"], "email",
+                                  [(i + 1, [k], k, k, "", None) for i, k in enumerate(keys)])
+        await fleet.add_work([("x@a.example", "mx.a.example"), ("y@b.example", "mx.b.example")])
+        lb = await f2.take("mx.b.example", "wB", 15)
+        assert lb is not None
+        stopped = asyncio.Event()
+
+        async def stopped_worker() -> None:
+            async with fleet._tx() as s:
+                await s.execute(sa_update(Job).where(Job.id == job.id).values(done=Job.done + 1))
+                stopped.set()
+                await asyncio.sleep(20)  # stopped: idle inside its transaction, its locks held
+
+        sleeper = asyncio.create_task(stopped_worker())
+        await stopped.wait()
+        t0 = time.monotonic()
+        assert await f2.record(lb, [("y@b.example", _v("y@b.example"))], {}) == 1
+        lb = await f2.renew(lb, 15)  # still the owner
+        assert time.monotonic() - t0 < 12  # (it would wait the whole 20 s)
+        with pytest.raises(Exception):  # noqa: B017 - the server ended its session: any DB error
+            await sleeper
+        p = await st.progress(job)
+        assert p.job.done == 1  # the stopped worker's +1 never landed
     finally:
         await other.close()
 

@@ -377,6 +377,14 @@ def handed_over(recipients: list[Recipient], domains: DomainBook, settings: Sett
     (``unknown``, marked :data:`HANDED_OVER`, never stored) without asking anything."""
     result = Absorbed()
     for j in recipients:
+        if j.kind != "client":
+            # a control probe not asked here is no finding: the domain stays open (it is asked
+            # again by whoever owns the receiver next), and the addresses waiting for it wake
+            d = domains.get(j.parsed.domain)
+            if d.catch_all is None:
+                d.probe_assigned = False
+                result.settled_domains.append(d.name)
+            continue
         settle(result, j, domains, settings, unknown(j.rcpt, Reason.PAUSED, evidence=Evidence(
             detail=HANDED_OVER), flags=flags_of(j.parsed), **kw_of(j.parsed)))
     return result

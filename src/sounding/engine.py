@@ -488,9 +488,9 @@ class Verifier:
         for i, orig in zip(job.indices, job.originals, strict=True):
             self._emit(dataclasses.replace(v, address=orig, index=i))
 
-    def _apply(self, a: Absorbed, inflight: dict[str, Recipient]) -> None:
+    def _apply(self, a: Absorbed, inflight: dict[str, Recipient], receiver: str | None = None) -> None:
         """Carry out what absorption decided: emit verdicts, wake catch-all waiters, and let
-        accepted recipients wait for their domain's finding."""
+        accepted recipients (of ``receiver``) wait for their domain's finding."""
         for j, v in a.final:
             self._finish(j, v, inflight)
         for name in a.settled_domains:
@@ -498,9 +498,9 @@ class Verifier:
             if fut is not None and not fut.done():
                 fut.set_result(None)
         for acc in a.awaiting:
-            self._spawn(self._await_catch_all(acc, inflight))
+            self._spawn(self._await_catch_all(acc, inflight, receiver))
 
-    async def _await_catch_all(self, acc: Accepted, inflight: dict[str, Recipient]) -> None:
+    async def _await_catch_all(self, acc: Accepted, inflight: dict[str, Recipient], receiver: str | None) -> None:
         d = self.domains.get(acc.recipient.parsed.domain)
         if d.catch_all is None:
             fut = self._ca_waiters.get(d.name)
@@ -508,6 +508,12 @@ class Verifier:
                 fut = self._ca_waiters[d.name] = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(fut), self.settings.max_wait + 30)
+        if (d.catch_all is None and receiver is not None and self.gate is not None
+                and not self.gate(receiver)):
+            # the probe went to the receiver's next owner unasked: so does this address (its
+            # acceptance alone proves nothing while the domain may accept everything)
+            self._apply(handed_over([acc.recipient], self.domains, self.settings), inflight)
+            return
         self._finish(acc.recipient, rcpt_verdict(acc.recipient, d, acc.reply, acc.cls, acc.evidence,
                                                  self.settings), inflight)
 
@@ -673,7 +679,7 @@ class Verifier:
                        elsewhere=(lambda: elsewhere(q.receiver)) if (elsewhere := self.elsewhere) else None)
             lim.apply(a.feedback)
             unknowns = a.unknowns
-            self._apply(a, inflight)
+            self._apply(a, inflight, q.receiver)
             for j in a.requeue:
                 q.requeue(j, now)
         except asyncio.CancelledError:

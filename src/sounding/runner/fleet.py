@@ -452,14 +452,16 @@ class FleetWorker:
         """Own ``receiver`` until its work is done (see module docstring)."""
         if self.stopping or receiver in self.owned or receiver in self._taking:
             return  # ours already: the running owner finds the new work
-        if passed < FAIR_PASSES and await self._over_share():
-            # procrastinate hands a worker as many tasks as it has room for, so the first
-            # worker to wake would own every receiver: past its fair share it passes the
-            # receiver on (a while, and only while other workers are alive to take it)
-            await defer_own(self.app, [receiver], tries=tries, passed=passed + 1, delay=FAIR_DELAY)
-            return
+        # marked before the first await: a second ``own`` task for the same receiver (recover
+        # queues one while this one runs) must see it, or this worker would own it twice
         self._taking.add(receiver)
         try:
+            if passed < FAIR_PASSES and await self._over_share():
+                # procrastinate hands a worker as many tasks as it has room for, so the first
+                # worker to wake would own every receiver: past its fair share it passes the
+                # receiver on (a while, and only while other workers are alive to take it)
+                await defer_own(self.app, [receiver], tries=tries, passed=passed + 1, delay=FAIR_DELAY)
+                return
             lease = await self.fleet.take(receiver, self.name, LEASE)
         finally:
             self._taking.discard(receiver)
@@ -498,7 +500,8 @@ class FleetWorker:
         with contextlib.suppress(Exception):
             async with self.store.session() as s:
                 n = int((await s.execute(text("SELECT count(DISTINCT receiver) FROM work"))).scalar_one())
-            return len(self.owned) + len(self._taking) >= -(-n // live)
+            # ``_taking`` holds the receiver being decided on: it is not ours yet
+            return len(self.owned) + len(self._taking) - 1 >= -(-n // live)
         return False
 
     async def _live_workers(self) -> int:
@@ -642,7 +645,11 @@ class FleetWorker:
                     log.exception("renewing the lease on %s failed", receiver)
 
         async def write(batch: list[tuple[str, Verdict]]) -> None:
-            if not batch or o.lost:
+            if not batch:
+                return
+            if o.lost:
+                log.warning("%s: %d verdicts for %s not stored: the lease was lost (the next owner "
+                            "asks again)", self.name, len(batch), receiver)
                 return
             rows = [(k, x.to_dict()) for k, x in batch]
             seen: dict[str, tuple[str | None, bool | None]] = {}

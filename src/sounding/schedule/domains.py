@@ -60,6 +60,10 @@ def _reply_of(d: dict[str, Any] | None) -> Reply | None:
     return Reply(int(d["code"]), tuple(d["lines"]), (int(enh[0]), int(enh[1]), int(enh[2])) if enh else None)
 
 
+#: catch-all findings worth passing on (to another run, another worker)
+CONCLUSIVE = frozenset({"accepted", "rejected"})
+
+
 class DomainBook:
     """Domain states, bounded (LRU) and relearnt after ``ttl`` seconds: servers change."""
 
@@ -96,11 +100,12 @@ class DomainBook:
         return out
 
     def finding(self, name: str) -> dict[str, Any] | None:
-        """The domain's finished finding (catch-all known) as :meth:`DomainState.to_dict`, with
-        its ``age``; None while unknown or expired. Read-only: nothing is created."""
+        """The domain's conclusive finding (the random probe accepted or refused) as
+        :meth:`DomainState.to_dict`, with its ``age``; None while open, inconclusive (a probe
+        that timed out proves nothing another run should inherit) or expired. Read-only."""
         d = self._d.get(name)
         now = self.clock()
-        if d is None or d.catch_all is None or now - d.created > self.ttl:
+        if d is None or d.catch_all is None or d.catch_all.state not in CONCLUSIVE or now - d.created > self.ttl:
             return None
         return d.to_dict(now)
 
@@ -121,6 +126,8 @@ class DomainBook:
         now = self.clock()
         for x in data.get("domains", []):
             d = DomainState.from_dict(x, now)
+            if d.catch_all is not None and d.catch_all.state not in CONCLUSIVE:
+                continue
             cur = self._d.get(d.name)
             if cur is None or (cur.catch_all is None and not cur.probe_assigned and d.catch_all is not None):
                 self._d[d.name] = d

@@ -16,14 +16,16 @@ workers on machines with skewed clocks agree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..errors import StoreError
 from .models import CachedVerdict, CourtesyPair, Job, JobRow, ReceiverLease, WorkItem
@@ -34,7 +36,15 @@ _NOW = "extract(epoch from clock_timestamp())"
 
 #: PostgreSQL's SQLSTATEs for a transaction aborted only because another one ran at the same
 #: time (deadlock_detected, serialization_failure): trying again is the documented remedy.
-TRANSIENT = frozenset({"40P01", "40001"})
+TRANSIENT = frozenset({"40P01", "40001", "55P03"})  # + lock_not_available (our lock_timeout)
+
+#: Every fleet transaction waits at most this long for a row lock, and the server ends a
+#: session left idle inside a transaction after IDLE_IN_TX. A worker stopped (SIGSTOP, a frozen
+#: VM) in the middle of a transaction would otherwise hold its row locks — on shared job rows —
+#: for as long as it is stopped, and every live owner's next write would queue behind them while
+#: holding its own receiver's row, until its lease ran out unrenewed.
+LOCK_TIMEOUT = "3s"
+IDLE_IN_TX = "5s"
 
 T = TypeVar("T")
 
@@ -104,17 +114,26 @@ class FleetStore:
         self.store = store
         self.session = store.session
 
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction with the fleet's lock and idle limits (see LOCK_TIMEOUT)."""
+        async with self.session() as s, s.begin():
+            await s.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            await s.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TX}'"))
+            yield s
+
     # ------------------------------------------------------------------ ownership
     async def take(self, receiver: str, owner: str, lease: float) -> Lease | None:
-        """Become the receiver's owner if nobody holds a live lease (or we do already);
-        the fencing token grows by one. None when another worker owns it."""
-        async with self.session() as s, s.begin():
+        """Become the receiver's owner if nobody holds a live lease; the fencing token grows
+        by one. None while a live lease is held — by another worker, or by this one (taking
+        it again would fence the ownership it is running: one owner, once)."""
+        async with self._tx() as s:
             await s.execute(text(
                 "INSERT INTO receivers (receiver, token, paused_why, updated) VALUES (:r, 0, '', 0) "
                 "ON CONFLICT (receiver) DO NOTHING"), {"r": receiver})
             row = (await s.execute(text(
                 f"UPDATE receivers SET token = token + 1, owner = :o, lease_until = {_NOW} + :l "
-                f"WHERE receiver = :r AND (owner IS NULL OR owner = :o OR lease_until IS NULL "
+                f"WHERE receiver = :r AND (owner IS NULL OR lease_until IS NULL "
                 f"OR lease_until < {_NOW}) RETURNING token, lease_until"),
                 {"r": receiver, "o": owner, "l": lease})).first()
         if row is None:
@@ -125,7 +144,7 @@ class FleetStore:
                     pairs: Sequence[dict[str, Any]] = (), paused: tuple[float, str] | None = None) -> Lease:
         """Extend a live lease (saving the receiver's courtesy state with it); raises
         :class:`Fenced` when it ran out or another worker took the receiver."""
-        async with self.session() as s, s.begin():
+        async with self._tx() as s:
             row = (await s.execute(text(
                 f"UPDATE receivers SET lease_until = {_NOW} + :l WHERE receiver = :r AND token = :t "
                 f"AND owner = :o AND lease_until >= {_NOW} RETURNING lease_until"),
@@ -139,7 +158,7 @@ class FleetStore:
                       pairs: Sequence[dict[str, Any]] = (), paused: tuple[float, str] | None = None,
                       declined: bool = False) -> bool:
         """Give the receiver up (drain, shutdown, no usable source); False if it was not ours."""
-        async with self.session() as s, s.begin():
+        async with self._tx() as s:
             if not await self._fence(s, lease):
                 return False
             await self._save_courtesy(s, lease.receiver, limiter, pairs, paused)
@@ -203,7 +222,7 @@ class FleetStore:
             return rcv
 
         async def once() -> None:
-            async with self.session() as s, s.begin():
+            async with self._tx() as s:
                 for i in range(0, len(rows), 1000):
                     ins = self.store._insert(WorkItem).values(rows[i:i + 1000])
                     if fresh:
@@ -274,7 +293,7 @@ class FleetStore:
         """Record that these recipients are about to go on the wire; False (and nothing
         written) when the lease is no longer ours — the session must not start."""
         async def once() -> bool:
-            async with self.session() as s, s.begin():
+            async with self._tx() as s:
                 if not await self._fence(s, lease):
                     return False
                 await s.execute(update(WorkItem).where(WorkItem.key.in_(sorted(keys))).values(
@@ -296,7 +315,7 @@ class FleetStore:
 
         async def once() -> int:
             now = time.time()
-            async with self.session() as s, s.begin():
+            async with self._tx() as s:
                 if not await self._fence(s, lease):
                     raise Fenced(f"lease on {lease.receiver} lost (token {lease.token}): "
                                  f"{len(results)} verdicts refused")
@@ -312,7 +331,7 @@ class FleetStore:
         """Verdicts no receiver was asked for (cache hits, syntax): same rules, no lease."""
 
         async def once() -> int:
-            async with self.session() as s, s.begin():
+            async with self._tx() as s:
                 return await self._store_verdicts(s, results, ttl, time.time())
 
         return await retrying(once)
@@ -362,7 +381,7 @@ class FleetStore:
         pick = pick.order_by(Job.id).with_for_update()
 
         async def once() -> None:
-            async with self.session() as s, s.begin():
+            async with self._tx() as s:
                 await s.execute(update(Job).where(Job.id.in_(pick.scalar_subquery())).values(
                     state="done", finished_at=now, lease_owner=None, lease_until=None))
 
@@ -371,7 +390,7 @@ class FleetStore:
     async def job_keys(self, job_id: str) -> list[str]:
         """The job's distinct addresses still without a verdict (marks the job running)."""
         now = time.time()
-        async with self.session() as s, s.begin():
+        async with self._tx() as s:
             await s.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
                 state="running", started_at=now))
             return list((await s.execute(select(JobRow.key).where(
@@ -390,7 +409,7 @@ class FleetStore:
         """Expired cache rows and leases of receivers without work."""
         now = time.time()
         out: dict[str, int] = {}
-        async with self.session() as s, s.begin():
+        async with self._tx() as s:
             r = await s.execute(delete(CachedVerdict).where(CachedVerdict.expires_at < now))
             out["verdict_cache"] = int(r.rowcount or 0)  # type: ignore[attr-defined]
             r = await s.execute(text(
