@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -58,6 +59,45 @@ async def start_world(world: World, **kw: object) -> Sandbox:
     return sb
 
 
+def sandbox_up(world_file: Path | None, log: Path, *, subnet: str, smtp_port: int | str, dns_port: int | str,
+               sample: Path | None = None, timeout: float = 30) -> tuple[subprocess.Popen[str], str]:
+    """``sounding sandbox up`` in its own process (the bundled world when ``world_file`` is None),
+    returned with what it printed once it prints its ``verify with:`` line. A sandbox that
+    exits first, or is not ready within ``timeout`` seconds (then it is killed), fails the
+    test with its output. The caller stops it (``stop_process(proc, signal.SIGINT)``)."""
+    cmd = [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet,
+           "--smtp-port", str(smtp_port), "--dns-port", str(dns_port), "--log", str(log)]
+    if world_file is not None:
+        cmd += ["--world", str(world_file)]
+    if sample is not None:
+        cmd += ["--sample", str(sample)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:  # in a thread, so that a sandbox that prints nothing cannot outlast the deadline
+        for line in stdout:
+            lines.append(line)
+            if line.startswith("verify with:"):
+                ready.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if ready.is_set():
+        return proc, "".join(lines)
+    if reader.is_alive():  # still running, not ready: stop it, then read the rest of its output
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+        pytest.fail(f"sandbox not ready within {timeout:g} s: " + "".join(lines))
+    stop_process(proc, signal.SIGKILL, timeout=5)  # its output ended: it has exited, or is about to
+    pytest.fail(f"sandbox exited ({proc.returncode}): " + "".join(lines))
+
+
 @pytest.fixture(scope="session")
 def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """``sounding sandbox up`` as a real subprocess on its own subnet and ports."""
@@ -67,23 +107,10 @@ def sandbox_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     # its own subnet and free ports, so that several test runs on one machine do not collide
     subnet = str(int(os.environ.get("SOUNDING_TEST_SUBNET", "0")) or 100 + os.getpid() % 150)
     smtp_port, dns_port = str(free_port()), str(free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet, "--smtp-port", smtp_port,
-         "--dns-port", dns_port, "--sample", str(sample), "--log", str(log)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
-    assert proc.stdout is not None
-    lines = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("verify with:"):
-            break
-        if proc.poll() is not None:
-            pytest.fail("sandbox exited: " + "".join(lines))
+    proc, banner = sandbox_up(None, log, subnet=subnet, smtp_port=smtp_port, dns_port=dns_port, sample=sample)
     yield {"sample": str(sample), "log": str(log), "ns": f"127.{subnet}.255.53:{dns_port}", "port": smtp_port,
            "subnet": subnet, "dns_port": dns_port,
-           "banner": "".join(lines)}
+           "banner": banner}
     stop_process(proc, signal.SIGINT)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from sounding.sandbox.log import read_records, sessions_from
 
-from .conftest import free_port, stop_process
+from .conftest import free_port, sandbox_up, stop_process
 
 
 @pytest.fixture
@@ -29,18 +29,8 @@ def own_sandbox(tmp_path: Path) -> Iterator[dict[str, str]]:
     d.mkdir()
     subnet = str(100 + (os.getpid() + 77) % 150)
     smtp_port, dns_port = str(free_port()), str(free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sounding", "sandbox", "up", "--subnet", subnet, "--smtp-port", smtp_port,
-         "--dns-port", dns_port, "--sample", str(d / "sample.csv"), "--log", str(d / "sessions.jsonl")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("verify with:"):
-            break
-        if proc.poll() is not None:
-            pytest.fail("sandbox exited: " + proc.stdout.read())
+    proc, _ = sandbox_up(None, d / "sessions.jsonl", subnet=subnet, smtp_port=smtp_port, dns_port=dns_port,
+                         sample=d / "sample.csv")
     yield {"sample": str(d / "sample.csv"), "log": str(d / "sessions.jsonl"),
            "ns": f"127.{subnet}.255.53:{dns_port}", "port": smtp_port}
     stop_process(proc, signal.SIGINT)

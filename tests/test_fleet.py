@@ -24,7 +24,7 @@ import yaml
 from sounding.sandbox import World
 from sounding.sandbox.log import LoggedSession, read_records, sessions_from
 
-from .conftest import add_client, free_port, start_serve, stop_process
+from .conftest import add_client, free_port, sandbox_up, start_serve, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +64,7 @@ def fleet_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     wf.write_text(yaml.safe_dump(_world()), "utf-8")
     log = d / "sessions.jsonl"
     smtp, dns_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sounding", "sandbox", "up", "--world", str(wf), "--subnet", SUBNET,
-                             "--smtp-port", str(smtp), "--dns-port", str(dns_port), "--log", str(log)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("verify with:"):
-            break
-        if proc.poll() is not None:
-            pytest.fail("sandbox exited")
+    proc, _ = sandbox_up(wf, log, subnet=SUBNET, smtp_port=smtp, dns_port=dns_port)
     try:
         truth = {a: t for a, t, _ in World.from_file(wf).sample()}
         yield {"ns": f"127.{SUBNET}.255.53:{dns_port}", "port": str(smtp), "log": log, "truth": truth, "dir": d}

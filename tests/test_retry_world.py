@@ -22,7 +22,7 @@ import pytest
 
 from sounding.sandbox.log import FORBIDDEN_VERBS, LoggedSession, read_records, sessions_from
 
-from .conftest import free_port, stop_process
+from .conftest import free_port, sandbox_up, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -66,21 +66,8 @@ def world_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     (d / "world.yaml").write_text(WORLD, encoding="utf-8")
     subnet = str(100 + (os.getpid() + 7) % 150)
     smtp_port, dns_port = str(free_port()), str(free_port())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sounding", "sandbox", "up", "--world", str(d / "world.yaml"), "--subnet", subnet,
-         "--smtp-port", smtp_port, "--dns-port", dns_port, "--sample", str(d / "sample.csv"),
-         "--log", str(d / "sessions.jsonl")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("verify with:"):
-            break
-        if proc.poll() is not None:
-            pytest.fail("sandbox exited: " + "".join(lines))
+    proc, _ = sandbox_up(d / "world.yaml", d / "sessions.jsonl", subnet=subnet, smtp_port=smtp_port,
+                         dns_port=dns_port, sample=d / "sample.csv")
     yield {"dir": str(d), "ns": f"127.{subnet}.255.53:{dns_port}", "port": smtp_port}
     stop_process(proc, signal.SIGINT)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,26 +16,12 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
-from .conftest import add_client, free_port, start_serve, stop_process
+from .conftest import add_client, free_port, sandbox_up, start_serve, stop_process
 
 pytestmark = pytest.mark.slow
 
 DOMAINS = [f"slow{i}.example" for i in range(6)]
 PER_DOMAIN = 40
-
-
-def _wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
-    assert proc.stdout is not None
-    deadline = time.time() + timeout
-    seen = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen.append(line)
-        if line.startswith(prefix):
-            return line
-        if proc.poll() is not None:
-            break
-    raise AssertionError("process did not start: " + "".join(seen))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +36,8 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     wf.write_text(yaml.safe_dump(world), "utf-8")
     log = d / "sessions.jsonl"
     smtp, dns_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sounding", "sandbox", "up", "--world", str(wf), "--subnet", "193",
-                             "--smtp-port", str(smtp), "--dns-port", str(dns_port), "--log", str(log),
-                             "--sample", str(d / "sample.csv")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _ = sandbox_up(wf, log, subnet="193", smtp_port=smtp, dns_port=dns_port, sample=d / "sample.csv")
     try:
-        _wait_line(proc, "verify with:")
         yield {"ns": f"127.193.255.53:{dns_port}", "smtp": str(smtp), "log": log}
     finally:
         stop_process(proc, signal.SIGINT)
