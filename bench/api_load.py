@@ -40,6 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench._common import big_csv, serve_world, world_process  # noqa: E402
 from bench._worlds import throughput_world  # noqa: E402
 
 
@@ -51,16 +52,8 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 def _serve_world(args: argparse.Namespace) -> None:
-    from sounding.sandbox import Sandbox
-
     world, _ = throughput_world(args.domains, args.per_domain, delay=args.delay)
-
-    async def main() -> None:
-        async with Sandbox(world, subnet=args.subnet, smtp_port=0, dns_port=0, keep_log=False) as sb:
-            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-    asyncio.run(main())
+    serve_world(world, subnet=args.subnet)
 
 
 async def _keys(db: str, n: int) -> list[str]:
@@ -171,19 +164,10 @@ async def _load(args: argparse.Namespace, base: str, keys: list[str], truth: dic
               f"p99 {_pct(polls, 99) * 1000:.0f} ms; {jerrors} errors, {jwrong} wrong statuses", flush=True)
 
 
-def _big_csv(path: Path, size: int) -> int:
-    """A list of ``size`` bytes; its domains are not in the world (NXDOMAIN: an accepted job
-    does not hold the world's receivers, which the measured /v1/verify calls use)."""
-    rows = 0
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write("email,name\n")
-        written = 11
-        while written < size:
-            line = f"person{rows}@bulk{rows % 50}.nowhere.example,Person {rows}\n"
-            fh.write(line)
-            written += len(line)
-            rows += 1
-    return rows
+def _nowhere(i: int) -> str:
+    """The big lists' domains: not in the world (NXDOMAIN: an accepted job does not hold the
+    world's receivers, which the measured /v1/verify calls use)."""
+    return f"bulk{i % 50}.nowhere.example"
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -198,8 +182,8 @@ async def _upload_load(args: argparse.Namespace, base: str, keys: list[str], sma
     import httpx
 
     big, ok = Path(td) / "big.csv", Path(td) / "accepted.csv"
-    rows = _big_csv(big, int(args.upload_mb * 1_000_000))
-    ok_rows = _big_csv(ok, int(args.accepted_mb * 1_000_000))
+    rows = big_csv(big, int(args.upload_mb * 1_000_000), _nowhere)
+    ok_rows = big_csv(ok, int(args.accepted_mb * 1_000_000), _nowhere)
     pool = itertools.cycle(addrs)
     stop = asyncio.Event()
     lat: list[float] = []
@@ -267,22 +251,18 @@ def _run(args: argparse.Namespace) -> None:
     addrs = [a for a, _ in addr_truth]
     if need > len(addrs):
         raise SystemExit(f"the world has {len(addrs)} addresses, {need} needed: raise --domains/--per-domain")
-    world = subprocess.Popen([sys.executable, __file__, "world", "--domains", str(args.domains),
-                              "--per-domain", str(args.per_domain), "--delay", str(args.delay),
-                              "--subnet", str(args.subnet)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    with tempfile.TemporaryDirectory(prefix="sounding-load-") as td:
+    cmd = [sys.executable, __file__, "world", "--domains", str(args.domains), "--per-domain", str(args.per_domain),
+           "--delay", str(args.delay), "--subnet", str(args.subnet)]
+    with world_process(cmd, stop_timeout=30) as world, tempfile.TemporaryDirectory(prefix="sounding-load-") as td:
         db = args.db or f"sqlite:///{td}/load.db"
         serve = worker = None
         try:
-            assert world.stdout is not None
-            ready = world.stdout.readline().split()
-            if not ready or ready[0] != "READY":
-                raise SystemExit("the sandbox did not start")
             keys = asyncio.run(_keys(db, args.clients))
             small = asyncio.run(_small_key(db)) if args.mode == "upload" else ""
             port = args.port
             env = {**os.environ, "SOUNDING_STATE_DIR": f"{td}/state", "SOUNDING_DAILY_QUOTA": "100000000"}
-            net = ["--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3], "--allow-private-mx"]
+            net = ["--nameserver", f"{world['dns_ip']}:{world['dns_port']}", "--smtp-port", str(world["smtp_port"]),
+                   "--allow-private-mx"]
             serve = subprocess.Popen([sys.executable, "-m", "sounding", "serve", "--port", str(port), "--db", db,
                                       *net, *(["--no-worker"] if args.split else [])], env=env)
             if args.split:  # jobs in a process of their own: the API's loop only answers HTTP
@@ -306,9 +286,6 @@ def _run(args: argparse.Namespace) -> None:
                 if proc is not None:
                     proc.terminate()
                     proc.wait(30)
-            assert world.stdin is not None
-            world.stdin.close()
-            world.wait(30)
 
 
 def main() -> None:

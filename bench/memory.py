@@ -12,7 +12,6 @@ column, as real exports have), the output is checked row by row (one per input r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import os
 import subprocess
@@ -24,19 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench._common import serve_world, world_process  # noqa: E402
 from bench._worlds import streaming_addresses, streaming_world  # noqa: E402
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from sounding.sandbox import Sandbox
-
-    async def main() -> None:
-        async with Sandbox(streaming_world(args.domains), subnet=args.subnet, smtp_port=0, dns_port=0,
-                           keep_log=False) as sb:
-            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-    asyncio.run(main())
+    serve_world(streaming_world(args.domains), subnet=args.subnet)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -49,16 +41,11 @@ def _run(args: argparse.Namespace) -> None:
                 w.writerow([i, a, f"Person {i}"])
         print(f"list: {args.addresses:,} addresses over {args.domains} domains, "
               f"{src.stat().st_size / 1e6:.0f} MB CSV", flush=True)
-        serve = subprocess.Popen([sys.executable, __file__, "serve", "--domains", str(args.domains),
-                                  "--subnet", str(args.subnet)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert serve.stdout is not None
-            ready = serve.stdout.readline().split()
-            if not ready or ready[0] != "READY":
-                raise SystemExit("the sandbox did not start")
+        world_cmd = [sys.executable, __file__, "serve", "--domains", str(args.domains), "--subnet", str(args.subnet)]
+        with world_process(world_cmd, stop_timeout=30) as world:
             cmd = [sys.executable, "-m", "sounding", "verify-list", str(src), "-o", str(dst),
-                   "--nameserver", f"{ready[1]}:{ready[2]}", "--smtp-port", ready[3], "--allow-private-mx"]
+                   "--nameserver", f"{world['dns_ip']}:{world['dns_port']}", "--smtp-port", str(world["smtp_port"]),
+                   "--allow-private-mx"]
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             _, status, ru = os.wait4(proc.pid, 0)
@@ -67,10 +54,6 @@ def _run(args: argparse.Namespace) -> None:
             tail = proc.stderr.read()[-2000:]
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"verify-list failed:\n{tail}")
-        finally:
-            assert serve.stdin is not None
-            serve.stdin.close()
-            serve.wait(30)
         rows = 0
         deliverable = 0
         with dst.open(newline="") as fh:

@@ -21,41 +21,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench._common import HELO, SENDER, aligned, conduct, log_slice, serve_world, world_process  # noqa: E402
 from bench._netns import can_use_netns, rerun_in_netns  # noqa: E402
 from bench._worlds import throughput_world  # noqa: E402
-
-HELO = "probe.sounding.example"
-SENDER = "verify@sounding.example"
 
 
 # --------------------------------------------------------------------------- the world
 def _serve(args: argparse.Namespace) -> None:
     """Child: run the sandbox until stdin closes."""
-    from sounding.sandbox import Sandbox
-
     world, _ = throughput_world(args.domains, args.per_domain, delay=args.delay)
-
-    async def main() -> None:
-        async with Sandbox(world, subnet=args.subnet, smtp_port=args.smtp_port, dns_port=args.dns_port,
-                           log_path=args.log, keep_log=False) as sb:
-            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-    asyncio.run(main())
+    serve_world(world, subnet=args.subnet, smtp_port=args.smtp_port, dns_port=args.dns_port, log=args.log)
 
 
 # --------------------------------------------------------------------------- clients
@@ -102,37 +90,6 @@ async def _run_sounding(addrs: list[str], args: argparse.Namespace) -> dict[str,
 
 
 # --------------------------------------------------------------------------- measuring
-def _log_slice(path: Path, start: int) -> list[dict[str, Any]]:
-    with path.open("rb") as fh:
-        fh.seek(start)
-        return [json.loads(line) for line in fh.read().splitlines() if line.strip()]
-
-
-def _conduct(records: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    from sounding.sandbox.log import FORBIDDEN_VERBS, sessions_from
-
-    sessions = sessions_from(records)
-    per_host: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for s in sessions:
-        per_host[s.server].append((s.start, 1))
-        per_host[s.server].append((s.end if s.end is not None else float("inf"), -1))
-    peak = 0
-    for points in per_host.values():
-        cur = 0
-        for _, d in sorted(points, key=lambda p: (p[0], p[1])):
-            cur += d
-            peak = max(peak, cur)
-    return {
-        "sessions": len(sessions),
-        "sessions_per_addr": len(sessions) / n,
-        "rcpts_per_addr": sum(len(s.rcpts) for s in sessions) / n,
-        "rcpt_rtt_per_addr": sum(s.rcpt_round_trips for s in sessions) / n,
-        "max_sessions_per_host": peak,
-        "forbidden": sum(v in FORBIDDEN_VERBS for s in sessions for v in s.verbs),
-        "without_quit": sum(not s.quit_sent and s.greeting_code == 220 for s in sessions),
-    }
-
-
 def _measure(tool: str, addrs: list[tuple[str, str]], world: dict[str, Any], log: Path,
              tmp: Path) -> dict[str, Any]:
     lst, out = tmp / f"{tool}.list.json", tmp / f"{tool}.out.json"
@@ -154,7 +111,7 @@ def _measure(tool: str, addrs: list[tuple[str, str]], world: dict[str, Any], log
     r = {"tool": tool, "addresses": n, "wall_s": res["wall"], "addr_per_s": n / res["wall"],
          "cpu_s_per_1000": (ru.ru_utime + ru.ru_stime) / n * 1000, "peak_mem_mb": ru.ru_maxrss / 1024,
          "right_status": agree / n, "statuses": dict(Counter(res["status"].values()))}
-    r.update(_conduct(_log_slice(log, start), n))
+    r.update(conduct(log_slice(log, start), n))
     return r
 
 
@@ -163,9 +120,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             ("rcpt_rtt_per_addr", "{:.3f}"), ("cpu_s_per_1000", "{:.2f}"), ("peak_mem_mb", "{:.0f}"),
             ("max_sessions_per_host", "{}"), ("right_status", "{:.1%}"), ("forbidden", "{}"),
             ("without_quit", "{}")]
-    cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
+    return aligned([[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows])
 
 
 def _inside(args: argparse.Namespace) -> None:
@@ -176,17 +131,10 @@ def _inside(args: argparse.Namespace) -> None:
         tmp = Path(td)
         log = tmp / "sessions.jsonl"
         log.touch()
-        serve = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "serve", "--domains", str(args.domains),
-             "--per-domain", str(args.per_domain), "--delay", str(args.delay), "--subnet", str(args.subnet),
-             "--smtp-port", "25" if root else "2525", "--dns-port", "53" if root else "5353", "--log", str(log)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert serve.stdout is not None
-            line = serve.stdout.readline().split()
-            if not line or line[0] != "READY":
-                raise SystemExit("the sandbox did not start")
-            world = {"dns_ip": line[1], "dns_port": int(line[2]), "smtp_port": int(line[3])}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--domains", str(args.domains),
+               "--per-domain", str(args.per_domain), "--delay", str(args.delay), "--subnet", str(args.subnet),
+               "--smtp-port", "25" if root else "2525", "--dns-port", "53" if root else "5353", "--log", str(log)]
+        with world_process(cmd, stop_timeout=10) as world:
             n_hosts = args.domains
             print(f"world: {args.domains} domains on {n_hosts} MX hosts, {len(addrs)} addresses, "
                   f"{args.delay * 1000:.0f} ms before every reply, 70% with PIPELINING; "
@@ -228,11 +176,6 @@ def _inside(args: argparse.Namespace) -> None:
                       "(target >= 20x)")
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
-        finally:
-            with contextlib.suppress(Exception):
-                assert serve.stdin is not None
-                serve.stdin.close()
-            serve.wait(10)
 
 
 def _outside(args: argparse.Namespace) -> None:

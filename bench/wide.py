@@ -47,9 +47,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench._common import HELO, SENDER, aligned, conduct, log_slice, serve_world, world_process  # noqa: E402
 from bench._netns import can_use_netns, rerun_in_netns  # noqa: E402
 from bench._worlds import wide_world  # noqa: E402
-from bench.throughput import HELO, SENDER, _conduct, _log_slice  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the world
@@ -59,17 +59,8 @@ def _world(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> None:
     """Child: run the sandbox until stdin closes."""
-    from sounding.sandbox import Sandbox
-
     world, _ = _world(args)
-
-    async def main() -> None:
-        async with Sandbox(world, subnet=args.subnet, smtp_port=args.smtp_port, dns_port=args.dns_port,
-                           log_path=args.log, keep_log=False) as sb:
-            print(f"READY {sb.dns_ip} {sb.dns_port} {sb.smtp_port}", flush=True)
-            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-    asyncio.run(main())
+    serve_world(world, subnet=args.subnet, smtp_port=args.smtp_port, dns_port=args.dns_port, log=args.log)
 
 
 # --------------------------------------------------------------------------- the ideal client
@@ -239,12 +230,12 @@ def _measure(client: str, loop: str, addrs: list[tuple[str, str]], world: dict[s
     time.sleep(0.5)
     res = json.loads(out.read_text())
     n = len(addrs)
-    records = _log_slice(log, start)
+    records = log_slice(log, start)
     r = {"client": client, "loop": loop, "addresses": n, "wall_s": res["wall"],
          "cpu_s_per_1000": res["cpu"] / n * 1000, "peak_mem_mb": ru.ru_maxrss / 1024,
          "right_status": sum(res["status"].get(a) == t for a, t in addrs) / n,
          "statuses": dict(Counter(res["status"].values()))}
-    r.update(_conduct(records, n))
+    r.update(conduct(records, n))
     r.update(_timeline(records, res["started"]))
     if res.get("capacity"):
         r["capacity"] = res["capacity"]
@@ -258,9 +249,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             ("half_started_s", "{:.2f}"),
             ("all_started_s", "{:.2f}"), ("right_status", "{:.1%}"),
             ("forbidden", "{}"), ("without_quit", "{}"), ("runs", "{}")]
-    cells = [[c for c, _ in cols]] + [[f.format(r.get(c, 0)).replace(" ", "") for c, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
+    return aligned([[c for c, _ in cols]] + [[f.format(r.get(c, 0)).replace(" ", "") for c, f in cols]
+                                              for r in rows])
 
 
 def _loops(spec: str) -> list[str]:
@@ -284,18 +274,11 @@ def _inside(args: argparse.Namespace) -> None:
         tmp = Path(td)
         log = tmp / "sessions.jsonl"
         log.touch()
-        serve = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "serve", "--domains", str(args.domains),
-             "--min-per", str(args.min_per), "--max-per", str(args.max_per), "--delay", str(args.delay),
-             "--subnet", str(args.subnet), "--smtp-port", "25" if root else "2525",
-             "--dns-port", "53" if root else "5353", "--log", str(log)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert serve.stdout is not None
-            line = serve.stdout.readline().split()
-            if not line or line[0] != "READY":
-                raise SystemExit("the sandbox did not start")
-            world = {"dns_ip": line[1], "dns_port": int(line[2]), "smtp_port": int(line[3])}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--domains", str(args.domains),
+               "--min-per", str(args.min_per), "--max-per", str(args.max_per), "--delay", str(args.delay),
+               "--subnet", str(args.subnet), "--smtp-port", "25" if root else "2525",
+               "--dns-port", "53" if root else "5353", "--log", str(log)]
+        with world_process(cmd, stop_timeout=10) as world:
             print(f"wide world: {args.domains} domains on {args.domains} MX hosts, {len(addrs)} addresses "
                   f"({args.min_per}-{args.max_per} per domain), {args.delay * 1000:.0f} ms before every reply, "
                   f"70% with PIPELINING; DNS {world['dns_ip']}:{world['dns_port']}, SMTP port {world['smtp_port']}",
@@ -351,11 +334,6 @@ def _inside(args: argparse.Namespace) -> None:
                       f"{u['cpu_s_per_1000'] / a['cpu_s_per_1000']:.2f}x its CPU")
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
-        finally:
-            with contextlib.suppress(Exception):
-                assert serve.stdin is not None
-                serve.stdin.close()
-            serve.wait(10)
 
 
 def main() -> None:
