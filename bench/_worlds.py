@@ -8,6 +8,19 @@ from collections.abc import Iterator
 from sounding.sandbox import World
 
 
+def _add_receiver(w: World, addrs: list[tuple[str, str]], dom: str, personality: str, *, delay: float,
+                  pipelining: bool, good: list[str], bad: list[str]) -> None:
+    """``dom`` on an MX host of its own (``mx.<dom>``) that waits ``delay`` before every reply
+    (greeting included), with mailboxes ``good`` and unknown ``bad``; appends each of its
+    addresses with its true status to ``addrs``."""
+    host = f"mx.{dom}"
+    w.add_host(host, personality, reply_delay=delay, greeting_delay=delay, pipelining=pipelining)
+    w.add_domain(dom, mx=[(10, host)], mailboxes=good, unknown=bad)
+    for lp in good + bad:
+        a = f"{lp}@{dom}"
+        addrs.append((a, w.truth(a).status))
+
+
 def throughput_world(domains: int = 300, per_domain: int = 10, *, delay: float = 0.04,
                      pipelining_share: float = 0.7, catch_all_share: float = 0.1,
                      unknown_per_domain: int = 2, seed: int = 7) -> tuple[World, list[tuple[str, str]]]:
@@ -23,17 +36,12 @@ def throughput_world(domains: int = 300, per_domain: int = 10, *, delay: float =
     n_pipe = round(domains * pipelining_share)
     n_catch = round(domains * catch_all_share)
     for i in range(domains):
-        dom = f"tp{i:04d}.example"
-        host = f"mx.{dom}"
         personality = "catch_all" if i % max(1, domains // max(1, n_catch)) == 0 and n_catch else "honest"
-        w.add_host(host, personality, reply_delay=delay, greeting_delay=delay,
-                   pipelining=rng.random() < n_pipe / domains)
+        pipelining = rng.random() < n_pipe / domains
         good = [f"user{j}" for j in range(per_domain - unknown_per_domain)]
         bad = [f"gone{j}" for j in range(unknown_per_domain)]
-        w.add_domain(dom, mx=[(10, host)], mailboxes=good, unknown=bad)
-        for lp in good + bad:
-            a = f"{lp}@{dom}"
-            addrs.append((a, w.truth(a).status))
+        _add_receiver(w, addrs, f"tp{i:04d}.example", personality, delay=delay, pipelining=pipelining,
+                      good=good, bad=bad)
     rng.shuffle(addrs)
     return w, addrs
 
@@ -68,19 +76,14 @@ def wide_world(domains: int = 1500, min_per: int = 1, max_per: int = 5, *, delay
     w = World()
     addrs: list[tuple[str, str]] = []
     for i in range(domains):
-        dom = f"w{i:05d}.example"
-        host = f"mx.{dom}"
         personality = "catch_all" if rng.random() < catch_all_share else "honest"
-        w.add_host(host, personality, reply_delay=delay, greeting_delay=delay,
-                   pipelining=rng.random() < pipelining_share)
+        pipelining = rng.random() < pipelining_share
         n = rng.randint(min_per, max_per)
         good: list[str] = []
         bad: list[str] = []
         for j in range(n):
             (bad if rng.random() < unknown_share else good).append(f"p{j}.{rng.randrange(10**6)}")
-        w.add_domain(dom, mx=[(10, host)], mailboxes=good, unknown=bad)
-        for lp in good + bad:
-            a = f"{lp}@{dom}"
-            addrs.append((a, w.truth(a).status))
+        _add_receiver(w, addrs, f"w{i:05d}.example", personality, delay=delay, pipelining=pipelining,
+                      good=good, bad=bad)
     rng.shuffle(addrs)
     return w, addrs
