@@ -27,6 +27,7 @@ EXISTS = f"exists@{DOMAIN}"
 MISSING = f"missing@{DOMAIN}"
 
 EHLO_OK = b"250-mx.hostile.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+GREETING = b"220 mx.hostile.example ESMTP\r\n"
 
 
 @dataclass
@@ -160,6 +161,17 @@ def settings(port: int, **kw: object) -> Settings:
     return Settings(**base)  # type: ignore[arg-type]
 
 
+def normal_server(greeting: bytes = GREETING, *, first: bytes = b"",
+                  override: Callable[[bytes], bytes | None] | None = None) -> Server:
+    """A server that sends ``greeting``, then answers like :func:`serve_normally` (with its
+    ``first`` and ``override``)."""
+    async def script(c: Conn) -> None:
+        await c.send(greeting)
+        await serve_normally(c, first=first, override=override)
+
+    return Server(script)
+
+
 async def verify(srv: Server, addresses: list[str], **kw: object) -> dict[str, Verdict]:
     sessions: list[SessionResult] = []
     v = Verifier(settings(srv.port, **kw), resolver=StaticResolver(  # type: ignore[arg-type]
@@ -181,11 +193,7 @@ def assert_void(got: dict[str, Verdict], reason: Reason | None = Reason.PROTOCOL
 # ------------------------------------------------------------------ the clean control
 @pytest.fixture
 async def clean() -> AsyncIterator[Server]:
-    async def script(c: Conn) -> None:
-        await c.send(b"220 mx.hostile.example ESMTP Postfix\r\n")
-        await serve_normally(c)
-
-    async with Server(script) as s:
+    async with normal_server(b"220 mx.hostile.example ESMTP Postfix\r\n") as s:
         yield s
 
 
@@ -197,18 +205,15 @@ async def test_clean_control_server_gets_the_right_answers(clean: Server) -> Non
 
 
 async def test_clean_control_without_pipelining_multiline_greeting_and_starttls_refused() -> None:
-    async def script(c: Conn) -> None:
-        await c.send(b"220-mx.hostile.example ESMTP\r\n220-no UCE\r\n220 really\r\n")
+    def no_pipe(ln: bytes) -> bytes | None:
+        if ln.upper().startswith(b"EHLO"):
+            return b"250-mx.hostile.example\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+        if ln.upper().startswith(b"STARTTLS"):
+            return b"454 4.7.0 TLS not available due to local problem\r\n"
+        return None
 
-        def no_pipe(ln: bytes) -> bytes | None:
-            if ln.upper().startswith(b"EHLO"):
-                return b"250-mx.hostile.example\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
-            if ln.upper().startswith(b"STARTTLS"):
-                return b"454 4.7.0 TLS not available due to local problem\r\n"
-            return None
-        await serve_normally(c, override=no_pipe)
-
-    async with Server(script) as s:
+    async with normal_server(b"220-mx.hostile.example ESMTP\r\n220-no UCE\r\n220 really\r\n",
+                             override=no_pipe) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert got[EXISTS].status is Status.DELIVERABLE
         assert got[MISSING].status is Status.UNDELIVERABLE
@@ -218,15 +223,8 @@ async def test_clean_control_without_pipelining_multiline_greeting_and_starttls_
 # ------------------------------------------------------------------ a second greeting
 @pytest.mark.parametrize("late", [False, True], ids=["glued", "after-ehlo"])
 async def test_double_220_greeting_is_a_protocol_error(late: bool) -> None:
-    async def script(c: Conn) -> None:
-        if late:  # the second greeting arrives after our EHLO: it would be read as its reply
-            await c.send(b"220 mx.hostile.example ESMTP\r\n")
-            await serve_normally(c, first=b"220 mx.hostile.example ESMTP\r\n")
-        else:
-            await c.send(b"220 mx.hostile.example ESMTP\r\n220 mx.hostile.example ESMTP\r\n")
-            await serve_normally(c)
-
-    async with Server(script) as s:
+    # late: the second greeting arrives after our EHLO: it would be read as its reply
+    async with (normal_server(first=GREETING) if late else normal_server(GREETING + GREETING)) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert_void(got)
         assert s.quit_received
@@ -240,26 +238,14 @@ async def test_unsolicited_550_after_the_greeting_is_a_protocol_error(late: bool
     every answer of the session is voided."""
     extra = b"550 5.7.1 Service unavailable; client host blocked\r\n"
 
-    async def script(c: Conn) -> None:
-        if late:
-            await c.send(b"220 mx.hostile.example ESMTP\r\n")
-            await serve_normally(c, first=extra)
-        else:
-            await c.send(b"220 mx.hostile.example ESMTP\r\n" + extra)
-            await serve_normally(c)
-
-    async with Server(script) as s:
+    async with (normal_server(first=extra) if late else normal_server(GREETING + extra)) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert_void(got)
         assert s.quit_received
 
 
 async def test_a_reply_before_the_greeting_is_a_protocol_error() -> None:
-    async def script(c: Conn) -> None:
-        await c.send(b"250 OK\r\n220 mx.hostile.example ESMTP\r\n")
-        await serve_normally(c)
-
-    async with Server(script) as s:
+    async with normal_server(b"250 OK\r\n" + GREETING) as s:
         assert_void(await verify(s, [EXISTS, MISSING]))
         assert s.quit_received
 
@@ -381,22 +367,14 @@ async def test_garbage_reply_codes_are_a_protocol_error(rcpt_reply: bytes) -> No
     def override(ln: bytes) -> bytes | None:
         return rcpt_reply if ln.upper().startswith(b"RCPT") else None
 
-    async def script(c: Conn) -> None:
-        await c.send(b"220 mx.hostile.example ESMTP\r\n")
-        await serve_normally(c, override=override)
-
-    async with Server(script) as s:
+    async with normal_server(override=override) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert_void(got)
         assert s.quit_received
 
 
 async def test_arabic_indic_greeting_is_a_protocol_error() -> None:
-    async def script(c: Conn) -> None:
-        await c.send("٢٢٠ mx.hostile.example ESMTP\r\n".encode())
-        await serve_normally(c)
-
-    async with Server(script) as s:
+    async with normal_server("٢٢٠ mx.hostile.example ESMTP\r\n".encode()) as s:
         assert_void(await verify(s, [EXISTS, MISSING]))
         assert s.quit_received
 
@@ -431,11 +409,7 @@ async def test_252_to_rcpt_is_not_acceptance() -> None:
             return b"252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery\r\n"
         return None
 
-    async def script(c: Conn) -> None:
-        await c.send(b"220 mx.hostile.example ESMTP\r\n")
-        await serve_normally(c, override=override)
-
-    async with Server(script) as s:
+    async with normal_server(override=override) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert_void(got, reason=None)  # a clean session, but 252 says nothing about a mailbox
         assert all(v.status not in (Status.DELIVERABLE, Status.RISKY) for v in got.values())
@@ -448,11 +422,7 @@ async def test_251_to_rcpt_is_acceptance() -> None:
             return b"251 2.1.5 User not local; will forward to <x@elsewhere.example>\r\n"
         return None
 
-    async def script(c: Conn) -> None:
-        await c.send(b"220 mx.hostile.example ESMTP\r\n")
-        await serve_normally(c, override=override)
-
-    async with Server(script) as s:
+    async with normal_server(override=override) as s:
         got = await verify(s, [EXISTS, MISSING])
         assert got[EXISTS].status is Status.DELIVERABLE
         assert got[MISSING].status is Status.UNDELIVERABLE
