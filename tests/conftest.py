@@ -59,6 +59,16 @@ async def start_world(world: World, **kw: object) -> Sandbox:
     return sb
 
 
+@contextlib.asynccontextmanager
+async def running_world(world: World, **kw: object) -> AsyncIterator[Sandbox]:
+    """A custom world (:func:`start_world`), stopped when the ``async with`` block ends."""
+    sb = await start_world(world, **kw)
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
 def sandbox_up(world_file: Path | None, log: Path, *, subnet: str, smtp_port: int | str, dns_port: int | str,
                sample: Path | None = None, timeout: float = 30) -> tuple[subprocess.Popen[str], str]:
     """``sounding sandbox up`` in its own process (the bundled world when ``world_file`` is None),

@@ -12,7 +12,7 @@ from sounding.engine import Verifier
 from sounding.sandbox import Sandbox, World
 from sounding.verdict import Reason, Status, Verdict
 
-from .conftest import sandbox_settings, start_world
+from .conftest import running_world, sandbox_settings
 
 
 def _world() -> World:
@@ -32,11 +32,8 @@ def _world() -> World:
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    s = await start_world(_world())
-    try:
+    async with running_world(_world()) as s:
         yield s
-    finally:
-        await s.stop()
 
 
 async def _verify(v: Verifier, addrs: list[str]) -> dict[str, Verdict]:

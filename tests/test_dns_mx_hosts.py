@@ -11,7 +11,7 @@ from sounding.dns import MxResolver, MxStatus
 from sounding.engine import Verifier
 from sounding.sandbox import Sandbox, World
 
-from .conftest import sandbox_settings, start_world
+from .conftest import running_world, sandbox_settings
 
 
 def _world() -> World:
@@ -37,11 +37,8 @@ def _world() -> World:
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    s = await start_world(_world())
-    try:
+    async with running_world(_world()) as s:
         yield s
-    finally:
-        await s.stop()
 
 
 async def test_mx_hosts_that_do_not_exist(sb: Sandbox) -> None:
