@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from bench._common import big_csv
 
 from sounding.courtesy.exemptions import proof_name, proof_text
 from sounding.dns import MxResolver, MxStatus, is_public_address
@@ -93,13 +94,18 @@ def test_wrapped_and_site_local_addresses_are_not_public() -> None:
     assert is_public_address("2001:4860:4860::8888") and is_public_address("8.8.8.8")
 
 
-async def test_mx_at_wrapped_private_addresses_is_refused_through_real_dns() -> None:
+def _wrapped_world() -> World:
+    """A domain per ``WRAPPED`` address, its MX host's only address."""
     w = World()
     for name, ip in WRAPPED.items():
         w.add_host(f"mx.{name}.example", "honest", has_address=False)
         w.extra_a[f"mx.{name}.example"] = (ip,)
         w.add_domain(f"{name}.example", mx=[(10, f"mx.{name}.example")], mailboxes=["alice"])
-    sb = await start_world(w)
+    return w
+
+
+async def test_mx_at_wrapped_private_addresses_is_refused_through_real_dns() -> None:
+    sb = await start_world(_wrapped_world())
     try:
         r = MxResolver([sb.nameserver], timeout=2)
         for name, ip in WRAPPED.items():
@@ -393,17 +399,9 @@ async def upload_site(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         await sb.stop()
 
 
-def _big_list(path: Path, size: int) -> int:
-    rows = 0
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write("email,name\n")
-        written = 11
-        while written < size:
-            line = f"person{rows}@customer{rows % 6}.example,Person {rows}\n"
-            fh.write(line)
-            written += len(line)
-            rows += 1
-    return rows
+def _customer(i: int) -> str:
+    """The big lists' domains (``big_csv``)."""
+    return f"customer{i % 6}.example"
 
 
 async def _probe_latency(http: httpx.AsyncClient, key: str, stop: asyncio.Event) -> list[float]:
@@ -423,7 +421,7 @@ async def test_50_mb_uploads_are_refused_early_and_nobody_waits_behind_them(uplo
     assert (await http.post("/v1/verify", json={"email": "alice@own.example"},
                             headers={"X-API-Key": site["big"]})).status_code == 200
     big = site["dir"] / "big.csv"
-    rows = await asyncio.to_thread(_big_list, big, 50 * 1024 * 1024 - 4096)
+    rows = await asyncio.to_thread(big_csv, big, 50 * 1024 * 1024 - 4096, _customer)
     assert rows > 1_000_000
 
     async def timed(coro: Any) -> tuple[httpx.Response, float]:
@@ -475,7 +473,7 @@ async def test_50_mb_uploads_are_refused_early_and_nobody_waits_behind_them(uplo
         assert b" 413 " in status_line and sent < (60 << 20), (status_line, sent)
         # 4. within the quota: parsed in a worker thread, stored in batches (10 MB here, to keep the test short)
         medium = site["dir"] / "medium.csv"
-        n = await asyncio.to_thread(_big_list, medium, 10 * 1024 * 1024)
+        n = await asyncio.to_thread(big_csv, medium, 10 * 1024 * 1024, _customer)
         with medium.open("rb") as fh:
             r, accept_s = await timed(upload(site["big"], fh))
         assert r.status_code == 202 and r.json()["total"] == n, r.text
@@ -526,12 +524,7 @@ async def test_deeply_nested_json_row_is_an_error_row(upload_site: dict[str, Any
 
 
 async def test_serve_refuses_mx_hidden_in_6to4_teredo_nat64_and_site_local(tmp_path: Path) -> None:
-    w = World()
-    for name, ip in WRAPPED.items():
-        w.add_host(f"mx.{name}.example", "honest", has_address=False)
-        w.extra_a[f"mx.{name}.example"] = (ip,)
-        w.add_domain(f"{name}.example", mx=[(10, f"mx.{name}.example")], mailboxes=["alice"])
-    sb = await start_world(w)
+    sb = await start_world(_wrapped_world())
     db = f"sqlite:///{tmp_path / 'site.db'}"
     key = await asyncio.to_thread(add_client, db, "Acme")
     port = free_port()
