@@ -4,6 +4,7 @@ sandbox's session log, and the plain-text table."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -54,6 +55,18 @@ def world_process(cmd: list[str], *, stop_timeout: float) -> Iterator[dict[str, 
             assert proc.stdin is not None
             proc.stdin.close()
         proc.wait(stop_timeout)
+
+
+def add_child_options(ap: argparse.ArgumentParser) -> None:
+    """The options by which a script passes its own child processes (``serve``, ``client``)
+    the world and the list: internal, not for the command line."""
+    ap.add_argument("--client")
+    ap.add_argument("--list")
+    ap.add_argument("--out")
+    ap.add_argument("--dns-ip")
+    ap.add_argument("--dns-port", type=int, default=53)
+    ap.add_argument("--smtp-port", type=int, default=25)
+    ap.add_argument("--log")
 
 
 # --------------------------------------------------------------------------- measuring

@@ -47,7 +47,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench._common import HELO, SENDER, aligned, conduct, log_slice, serve_world, world_process  # noqa: E402
+from bench._common import (  # noqa: E402
+    HELO,
+    SENDER,
+    add_child_options,
+    aligned,
+    conduct,
+    log_slice,
+    serve_world,
+    world_process,
+)
 from bench._netns import can_use_netns, rerun_in_netns  # noqa: E402
 from bench._worlds import wide_world  # noqa: E402
 
@@ -357,15 +366,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="a Sounding setting for the run (e.g. concurrency=500); repeatable")
     ap.add_argument("--no-netns", action="store_true", help=argparse.SUPPRESS)
-    # internal (child processes)
-    ap.add_argument("--client")
-    ap.add_argument("--loop", default="asyncio")
-    ap.add_argument("--list")
-    ap.add_argument("--out")
-    ap.add_argument("--dns-ip")
-    ap.add_argument("--dns-port", type=int, default=53)
-    ap.add_argument("--smtp-port", type=int, default=25)
-    ap.add_argument("--log")
+    add_child_options(ap)
+    ap.add_argument("--loop", default="asyncio")  # internal: the client's event loop
     args = ap.parse_args()
     if args.mode == "serve":
         _serve(args)
