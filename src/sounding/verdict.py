@@ -16,6 +16,7 @@ A block, a policy rejection or a timeout never becomes ``undeliverable``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -158,6 +159,22 @@ _OUTCOME_REASON = {
     Outcome.HELO_REJECTED: Reason.HELO_REJECTED, Outcome.TEMPORARY: Reason.TEMPORARY,
     Outcome.PROTOCOL_ERROR: Reason.PROTOCOL_ERROR, Outcome.REJECTED: Reason.REJECTED,
 }
+
+
+def domain_facts(batch: Iterable[tuple[str, Verdict]]) -> dict[str, tuple[str | None, bool | None]]:
+    """What verdicts (keyed by address) teach about their domains: ``{domain: (MX host,
+    catch-all)}``, catch-all None when they do not say; for the store's ``note_domains``
+    (the opt-out scope counts the domains an MX serves from this)."""
+    seen: dict[str, tuple[str | None, bool | None]] = {}
+    for k, v in batch:
+        if v.evidence.mx_host:
+            # deliverable means the random probe was refused; a 550 shows the same
+            ca = True if "catch_all" in v.flags else (
+                False if v.status is Status.DELIVERABLE or v.reason is Reason.NO_MAILBOX else None)
+            dom = k.rpartition("@")[2]
+            known = seen.get(dom, (None, None))[1]
+            seen[dom] = (v.evidence.mx_host, ca if ca is not None else known)
+    return seen
 
 
 def retry_after_for(reason: Reason, hint: float | None = None) -> float | None:

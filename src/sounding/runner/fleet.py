@@ -49,7 +49,7 @@ from ..smtp.client import SessionResult
 from ..store import Store
 from ..store.fleet import Fenced, FleetStore, Lease
 from ..store.registry import as_exemption
-from ..verdict import Reason, Status, Verdict
+from ..verdict import Verdict, domain_facts
 
 log = logging.getLogger(__name__)
 
@@ -652,14 +652,7 @@ class FleetWorker:
                             "asks again)", self.name, len(batch), receiver)
                 return
             rows = [(k, x.to_dict()) for k, x in batch]
-            seen: dict[str, tuple[str | None, bool | None]] = {}
-            for k, x in batch:
-                if x.evidence.mx_host:
-                    ca = True if "catch_all" in x.flags else (
-                        False if x.status is Status.DELIVERABLE or x.reason is Reason.NO_MAILBOX else None)
-                    dom = k.rpartition("@")[2]
-                    known = seen.get(dom, (None, None))[1]
-                    seen[dom] = (x.evidence.mx_host, ca if ca is not None else known)
+            seen = domain_facts(batch)
             findings = {d: f for d in seen if (f := self.domains.finding(d)) is not None}
             for attempt in range(WRITE_ATTEMPTS):
                 try:

@@ -34,7 +34,7 @@ from ..store import QuotaExceeded, Store
 from ..store.models import Client, ExemptionRow, Job
 from ..store.registry import as_exemption
 from ..uploadparse import OverCap, ParsedMeta, rows_from_process
-from ..verdict import Evidence, Reason, Status, Verdict, unparseable
+from ..verdict import Evidence, Reason, Status, Verdict, domain_facts, unparseable
 from .transcripts import mask_line, pair_commands, rcpt_domain
 from .uploads import Spooled
 
@@ -534,15 +534,7 @@ class Service:
     async def _note_domains(self, batch: list[tuple[str, Verdict]]) -> None:
         """What verdicts teach about their domains: MX host and catch-all (the opt-out scope
         counts the domains an MX serves from this)."""
-        seen: dict[str, tuple[str | None, bool | None]] = {}
-        for k, v in batch:
-            if v.evidence.mx_host:
-                # deliverable means the random probe was refused; a 550 shows the same
-                ca = True if "catch_all" in v.flags else (
-                    False if v.status is Status.DELIVERABLE or v.reason is Reason.NO_MAILBOX else None)
-                dom = k.rpartition("@")[2]
-                known = seen.get(dom, (None, None))[1]
-                seen[dom] = (v.evidence.mx_host, ca if ca is not None else known)
+        seen = domain_facts(batch)
         if seen:
             await self.store.note_domains(seen, self.settings.catch_all_ttl)
 
