@@ -253,6 +253,23 @@ async def test_a_single_verification_is_answered_when_its_verdict_is_stored_not_
     assert fleet._waiters == {}  # nothing left behind
 
 
+async def test_a_job_with_rows_that_hold_no_address_finishes_on_the_fleet(pg_service: Any) -> None:
+    """Rows answered at upload (an empty cell, a syntax error) count towards the job's end:
+    the fleet finishes a job when its counter reaches the total, and they never reach a worker."""
+    import asyncio
+
+    http, h, _sb = pg_service
+    body = "email,name\nalice@honest.example,a\n,empty\nnot an address,b\nbob@honest.example,c\n"
+    job = (await http.post("/v1/jobs", files={"file": ("l.csv", body.encode())}, headers=h)).json()
+    for _ in range(300):
+        p = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
+        if p["state"] not in ("queued", "running"):
+            break
+        await asyncio.sleep(0.1)
+    assert p["state"] == "done" and p["done"] == p["total"] == 4, p
+    assert p["by_status"] == {"deliverable": 2, "error": 1, "undeliverable": 1}, p
+
+
 def st_of(http: Any) -> Store:
     return http._transport.app.state.store  # type: ignore[no-any-return]
 

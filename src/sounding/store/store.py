@@ -288,8 +288,12 @@ class Store:
                 JobRow.job_id == job_id))).scalar_one()
             unique = (await s.execute(select(func.count(func.distinct(JobRow.key))).where(
                 JobRow.job_id == job_id, JobRow.done_at.is_(None)))).scalar_one()
+            # rows answered at upload (no address to ask: error and syntax rows) count as done
+            # from the start: a job is done when its counter reaches the total
+            done = (await s.execute(select(func.count()).select_from(JobRow).where(
+                JobRow.job_id == job_id, JobRow.done_at.is_not(None)))).scalar_one()
             await s.execute(update(Job).where(Job.id == job_id).values(
-                state="queued", total=total, unique_addresses=unique, fmt=fmt, header=header,
+                state="queued", total=total, done=done, unique_addresses=unique, fmt=fmt, header=header,
                 email_column=email_column))
         job = await self.job(job_id)
         assert job is not None
