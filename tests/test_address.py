@@ -100,3 +100,27 @@ def test_random_local_parts() -> None:
     assert len(seen) == 2000
     assert all(len(x) == 14 and set(x) <= set(PROBE_CHARS) for x in seen)
     assert set("".join(seen)) == set(PROBE_CHARS)  # every character is used
+
+
+@pytest.mark.parametrize("cell", [
+    "Bob Builder <bob@honest.example>", '"Builder, Bob" <bob@honest.example>', "<bob@honest.example>",
+    "mailto:bob@honest.example", "MAILTO:bob@honest.example?subject=hi", '"bob@honest.example"'])
+def test_the_address_inside_a_common_wrapper_is_verified_not_called_a_syntax_error(cell: str) -> None:
+    """A list cleaner deletes what we call undeliverable: a display name, angle brackets,
+    mailto: or quotes around a good address must not make it a syntax error."""
+    p = parse_address(cell)
+    assert p.normalized == "bob@honest.example"
+    assert Flag.UNWRAPPED in p.flags
+    assert p.original == cell  # the cell is kept as it was
+
+
+@pytest.mark.parametrize("cell", ["bob@honest.example", '"bob smith"@honest.example', "bob@[127.0.0.1]"])
+def test_plain_addresses_are_not_marked_unwrapped(cell: str) -> None:
+    assert Flag.UNWRAPPED not in parse_address(cell).flags
+
+
+@pytest.mark.parametrize("cell", ["Bob <>", "mailto:", "<bob@honest.example> and more", "bob@honest.example.",
+                                  '"bob@honest.example', "Bob <bob@honest.example"])
+def test_a_wrapper_with_no_valid_address_inside_is_still_refused(cell: str) -> None:
+    with pytest.raises(AddressError):
+        parse_address(cell)

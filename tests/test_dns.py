@@ -57,8 +57,22 @@ def test_public_address_and_nameserver_parsing() -> None:
     assert parse_nameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert parse_nameserver("[::1]:53") == ("::1", 53)
     assert parse_nameserver("127.0.0.1") == ("127.0.0.1", 53)
+    assert parse_nameserver("[::1]") == ("::1", 53)
+    for bad in ["dns.example:53", "", " ", "[::1", "[::1]x", "[::1]53", "127.0.0.1:0", "127.0.0.1:abc"]:
+        with pytest.raises(ConfigError):
+            parse_nameserver(bad)
+
+
+def test_an_empty_nameserver_given_is_an_error_not_the_system_resolver() -> None:
+    """``--nameserver ''`` once fell back silently to the machine's own resolver."""
+    from sounding.settings import load_settings
+
     with pytest.raises(ConfigError):
-        parse_nameserver("dns.example:53")
+        load_settings(None, env={}, nameservers=[""])
+    with pytest.raises(ConfigError):
+        load_settings(None, env={}, nameservers=["127.0.0.1:5353", " "])
+    assert load_settings(None, env={"SOUNDING_NAMESERVERS": ""}).nameservers == ()  # unset
+    assert load_settings(None, env={}, nameservers=["127.0.0.1:5353"]).nameservers == (("127.0.0.1", 5353),)
 
 
 async def test_mx_host_addresses_are_shared_between_domains(world_sandbox: Sandbox) -> None:

@@ -36,6 +36,10 @@ class Flag(StrEnum):
     QUOTED_LOCAL = "quoted_local"
     IP_LITERAL = "ip_literal"
     TYPO = "typo_suspected"
+    #: the cell held the address in a wrapper lists often carry — a display name or angle
+    #: brackets (RFC 5322 §3.4 name-addr), ``mailto:``, quotes around the whole address: the
+    #: address inside was verified, the cell is kept as it was
+    UNWRAPPED = "unwrapped"
 
 
 # RFC 2142 §3-§5 mailbox names, plus role mailboxes common enough to be near-certain roles.
@@ -193,17 +197,20 @@ def parse_address(raw: str) -> ParsedAddress:
     s = raw.strip(" ")  # surrounding spaces are list noise; anything else is refused above
     if not s:
         raise AddressError("empty address", code="empty")
+    s, unwrapped = _unwrap(s)
     if len(s.encode("utf-8")) > 254:
         raise AddressError("address longer than 254 octets (RFC 5321 §4.5.3.1.3)",
                            code="too_long")
     try:
         v = email_validator.validate_email(
             s, check_deliverability=False, allow_smtputf8=True, allow_quoted_local=True,
-            allow_domain_literal=True,
+            allow_domain_literal=True, allow_display_name=True,
         )
     except EmailNotValidError as exc:
         raise AddressError(str(exc)) from exc
     flags: set[Flag] = set()
+    if unwrapped or v.display_name is not None:
+        flags.add(Flag.UNWRAPPED)
     local = v.local_part
     domain_ascii = (v.ascii_domain or v.domain).lower()
     if v.smtputf8:
@@ -225,6 +232,20 @@ def parse_address(raw: str) -> ParsedAddress:
         flags.add(Flag.TYPO)
     return ParsedAddress(raw, local, domain_ascii, v.domain.lower(), frozenset(flags),
                          f"{local}@{suggestion}" if suggestion else None)
+
+
+def _unwrap(s: str) -> tuple[str, bool]:
+    """The address inside the wrappers contact lists carry around one: ``mailto:`` (and its
+    ``?query``) and quotes around the whole cell. A display name and angle brackets are left
+    to the validator (``allow_display_name``). A trailing dot after the domain stays an error:
+    RFC 5321 §4.1.2 has no such domain, and mailers disagree on what to do with it. Returns the
+    address and whether anything was taken off."""
+    out = s
+    if out[:7].lower() == "mailto:":
+        out = out[7:].split("?", 1)[0]
+    if len(out) > 2 and out[0] == out[-1] == '"' and out.count('"') == 2 and "@" in out:
+        out = out[1:-1].strip(" ")  # a quoted cell, not a quoted local part: no domain follows
+    return out, out != s
 
 
 #: Characters of a random probe local part: a Dot-string atom in any server's eyes (RFC 5321 §4.1.2).

@@ -127,8 +127,10 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
     s = spec.strip()
     try:
         if s.startswith("["):
-            host, _, rest = s[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") else 53
+            host, bracket, rest = s[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError("unbalanced brackets")
+            port = int(rest[1:]) if rest else 53
         elif s.count(":") == 1:
             host, p = s.split(":")
             port = int(p)

@@ -227,8 +227,13 @@ def _coerce(name: str, value: Any) -> Any:
     t = str(f.type)
     try:
         if name == "nameservers":
-            items = value.split(",") if isinstance(value, str) else value
-            return tuple(parse_nameserver(str(x)) for x in items if str(x).strip())
+            # an empty variable means "none given"; an empty item in a list given is a mistake
+            # (``--nameserver ''``), never a silent fall back to the system's resolver
+            if isinstance(value, str):
+                if not value.strip():
+                    return ()
+                value = value.split(",")
+            return tuple(parse_nameserver(str(x)) for x in value)
         if name in ("source_ips", "accept_all_providers", "dnsbl_zones"):
             items = value.split(",") if isinstance(value, str) else value
             return tuple(str(x).strip() for x in items if str(x).strip())
