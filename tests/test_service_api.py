@@ -155,6 +155,11 @@ async def test_upload_limits_quotas_and_unreadable_lists(world_sandbox: Sandbox,
     async for api in _api(world_sandbox, f"sqlite:///{tmp_path / 'q.db'}", max_upload_bytes=200, daily_quota=5):
         _problem(await api.upload("email\n" + "a@honest.example\n" * 50), 413)
         _problem(await api.upload(""), 400)
+        # no column holds addresses: refused whole, as the command line refuses it (its rows
+        # are not addresses to call undeliverable)
+        r = await api.upload("a,b\n1,2\nx,y\n")
+        _problem(r, 400)
+        assert "no e-mail column" in r.text
         _problem(await api.upload("email\n" + "a@honest.example\n" * 6), 429)
         ok = await api.upload("email\n" + "alice@honest.example\n" * 5)
         assert ok.status_code == 202

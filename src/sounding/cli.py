@@ -17,7 +17,7 @@ from rich.table import Table
 from .cli_help import TidyGroup
 from .engine import Verifier
 from .errors import InputError, SoundingError
-from .listio import ListReader, ResultWriter, Row
+from .listio import ListReader, ResultWriter, Row, no_email_column
 from .runtime import run as run_loop
 from .settings import Settings, default_state_dir, load_settings
 from .smtp.client import Timeouts
@@ -155,8 +155,7 @@ def verify_list(
         err.print(f"note: {note}", highlight=False)
     if not reader.found_column:
         src.close()
-        _fail(InputError(f"no e-mail column in {input_path.name}: no header like 'email' and no cell with '@' "
-                         f"in its first rows (name the column with --column)"))
+        _fail(no_email_column(input_path.name))
     with open(input_path, "rb") as fb:
         digest = file_digest(fb)
     ident = identity(digest, {"column": reader.column_name, "helo": s.helo, "mail_from": s.mail_from,

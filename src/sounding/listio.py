@@ -426,6 +426,14 @@ def _diagnosis(cause: str, bad: int, n: int, delimiter: str, first_error: str) -
             + (f" ({first_error})" if first_error else ""))
 
 
+def no_email_column(name: str) -> InputError:
+    """The error for a list in which no column holds addresses (refused whole, by the
+    command line and the service alike: its rows are not addresses to call undeliverable)."""
+    return InputError(f"no e-mail column in {name}: no header like 'email' and no cell with '@' "
+                      "in its first rows (name the column: --column on the command line, "
+                      "the 'column' field of an upload)")
+
+
 def neutralise(cell: str) -> str:
     """Defuse spreadsheet formulas (CSV injection): prefix risky leading characters."""
     return "'" + cell if cell.startswith(_NEUTRALISE) else cell

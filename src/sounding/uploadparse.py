@@ -21,6 +21,7 @@ from typing import Any
 from .address import parse_address
 from .errors import AddressError, InputError
 from .listfiles import OpenList
+from .listio import no_email_column
 from .verdict import unparseable
 
 BATCH = 500
@@ -64,6 +65,8 @@ def produce_rows(path: Path, *, column: str | None, fmt: str | None,
     get their verdict now, every other row the key duplicates share."""
     with _open(path, column) as ol:
         reader = ol.reader
+        if not reader.found_column:
+            raise no_email_column(path.name if column is None else f"{path.name} (column {column!r})")
         batch: list[Rowtuple] = []
         for row in reader.rows():
             verdict: dict[str, Any] | None = None
