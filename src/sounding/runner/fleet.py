@@ -59,6 +59,7 @@ QUEUE = "sounding"
 CANARY_EVERY = 86_400.0  # seconds between two checks of one canary
 FAIR_PASSES = 6  # an ``own`` task is passed on at most this many times before it is taken anyway
 FAIR_DELAY = 0.3  # seconds before a passed-on ``own`` task may run again
+SHARE_EVERY = 2.0  # seconds a fair-share count is reused
 WRITE_ATTEMPTS = 5  # a session's verdicts are stored with this many tries before giving the receiver up
 
 
@@ -287,6 +288,7 @@ class FleetWorker:
         self.app = make_app(self.url, self, pool_size=max(4, min(concurrency, 8)))
         self.owned: dict[str, _Owned] = {}
         self._taking: set[str] = set()
+        self._share: tuple[float, int] = (-1e9, 0)  # (when counted, receivers per worker; 0: no limit)
         #: what this worker learnt about domains (catch-all probes), shared by its receivers
         self.domains = DomainBook(self.settings.catch_all_ttl, time.monotonic,
                                   probe_postmaster=self.settings.probe_postmaster)
@@ -494,15 +496,17 @@ class FleetWorker:
         ``ceil(receivers / live workers)``. Never with one live worker."""
         from sqlalchemy import text
 
-        live = await self._live_workers()
-        if live <= 1:
-            return False
-        with contextlib.suppress(Exception):
-            async with self.store.session() as s:
-                n = int((await s.execute(text("SELECT count(DISTINCT receiver) FROM work"))).scalar_one())
-            # ``_taking`` holds the receiver being decided on: it is not ours yet
-            return len(self.owned) + len(self._taking) - 1 >= -(-n // live)
-        return False
+        now = time.monotonic()
+        if now - self._share[0] > SHARE_EVERY:  # a burst of own tasks costs one count
+            live, n = 1, 0
+            with contextlib.suppress(Exception):
+                live = await self._live_workers()
+                async with self.store.session() as s:
+                    n = int((await s.execute(text("SELECT count(DISTINCT receiver) FROM work"))).scalar_one())
+            self._share = (now, -(-n // live) if live > 1 else 0)
+        share = self._share[1]
+        # ``_taking`` holds the receiver being decided on: it is not ours yet
+        return share > 0 and len(self.owned) + len(self._taking) - 1 >= share
 
     async def _live_workers(self) -> int:
         from sqlalchemy import text

@@ -277,8 +277,14 @@ class Store:
                   "reason": verdict["reason"] if verdict else None,
                   "result": verdict, "done_at": now if verdict else None}
                  for i, (line, cells, address, key, error, verdict) in enumerate(rows)]
+        answered = sum(1 for r in batch if r["done_at"] is not None)
         async with self._writing() as s:
             await s.execute(self._insert(JobRow), batch)
+            if answered:
+                # rows answered at upload (error and syntax rows) count towards the job's end:
+                # added to the counter like every other verdict (never recounted: a worker may
+                # be storing verdicts for this job's other rows at this very moment)
+                await s.execute(update(Job).where(Job.id == job_id).values(done=Job.done + answered))
         return len(batch)
 
     async def finish_upload(self, job_id: str, fmt: str, header: list[str] | None, email_column: str) -> Job:
@@ -288,12 +294,8 @@ class Store:
                 JobRow.job_id == job_id))).scalar_one()
             unique = (await s.execute(select(func.count(func.distinct(JobRow.key))).where(
                 JobRow.job_id == job_id, JobRow.done_at.is_(None)))).scalar_one()
-            # rows answered at upload (no address to ask: error and syntax rows) count as done
-            # from the start: a job is done when its counter reaches the total
-            done = (await s.execute(select(func.count()).select_from(JobRow).where(
-                JobRow.job_id == job_id, JobRow.done_at.is_not(None)))).scalar_one()
             await s.execute(update(Job).where(Job.id == job_id).values(
-                state="queued", total=total, done=done, unique_addresses=unique, fmt=fmt, header=header,
+                state="queued", total=total, unique_addresses=unique, fmt=fmt, header=header,
                 email_column=email_column))
         job = await self.job(job_id)
         assert job is not None
