@@ -130,6 +130,20 @@ def test_dash_is_stdout_and_a_missing_directory_is_one_line(sandbox_proc: dict[s
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr and "Traceback" not in r.output
 
 
+def test_format_is_case_insensitive(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("email\nalice@honest.example\n", encoding="utf-8")
+    out = tmp_path / "out.data"
+    r = runner.invoke(app, ["verify-list", str(src), "-o", str(out), "--format", "XLSX", *_common(sandbox_proc)])
+    assert r.exit_code == 0, r.output
+    wb = openpyxl.load_workbook(io.BytesIO(out.read_bytes()), read_only=True)  # (openpyxl wants .xlsx names)
+    rows = [list(x) for x in wb.worksheets[0].iter_rows(values_only=True)]
+    wb.close()
+    assert rows[0][0] == "email" and rows[1][0] == "alice@honest.example"
+    r = runner.invoke(app, ["verify-list", str(src), "-o", str(out), "--format", "pdf", *_common(sandbox_proc)])
+    assert r.exit_code == 2 and "--format must be one of csv, jsonl, xlsx" in r.stderr
+
+
 def test_csv_has_the_new_columns(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_text("email\nalice@honest.example\nx@servfail.example\nALICE@honest.example\n", encoding="utf-8")

@@ -47,6 +47,52 @@ def test_submit_wait_status_and_results(site: dict[str, str], tmp_path: Path) ->
         ("E", "deliverable", "accepted"), ("N", "undeliverable", "no_mailbox"), ("B", "undeliverable", "syntax")]
 
 
+def test_results_follow_the_output_name_and_bad_paths_are_one_line(site: dict[str, str], tmp_path: Path) -> None:
+    import openpyxl
+
+    lst = tmp_path / "l.csv"
+    lst.write_text("email,who\nerin@honest.example,E\nbroken,B\n", "utf-8")
+    r = _sounding("jobs", "submit", str(lst), "--url", site["base"], "--wait", key=site["client"])
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    # the progress lines name the job by the id that `jobs status` takes (not a short prefix)
+    assert f"job {job_id}: " in r.stderr, r.stderr
+    assert _sounding("jobs", "status", job_id, "--url", site["base"], key=site["client"]).returncode == 0
+
+    def results(*args: str) -> subprocess.CompletedProcess[str]:
+        return _sounding("jobs", "results", job_id, *args, "--url", site["base"], key=site["client"])
+
+    xlsx = tmp_path / "jr.xlsx"
+    assert results("-o", str(xlsx)).returncode == 0
+    wb = openpyxl.load_workbook(xlsx, read_only=True)
+    rows = [list(x) for x in wb.worksheets[0].iter_rows(values_only=True)]
+    wb.close()
+    assert rows[0][:2] == ["email", "who"] and [x[1] for x in rows[1:]] == ["E", "B"]
+    jsonl = tmp_path / "jr.jsonl"
+    assert results("-o", str(jsonl)).returncode == 0
+    assert [json.loads(x)["verdict"]["status"] for x in jsonl.read_text("utf-8").splitlines()] == [
+        "deliverable", "undeliverable"]
+    named = tmp_path / "jr.data"  # --format wins over the name, in any case
+    assert results("-o", str(named), "--format", "XLSX").returncode == 0
+    assert named.read_bytes()[:2] == b"PK"
+    raw = subprocess.run([sys.executable, "-m", "sounding", "jobs", "results", job_id, "--format", "xlsx", "-o", "-",
+                          "--url", site["base"]], capture_output=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "SOUNDING_API_KEY": site["client"], "HOME": "/tmp"})
+    assert raw.returncode == 0 and raw.stdout[:2] == b"PK"  # '-': standard output, as in verify-list
+    r = results("--format", "pdf")
+    assert r.returncode == 2 and "--format must be one of csv, jsonl, xlsx" in r.stderr
+
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    for target, words in ((tmp_path / "nodir" / "x.csv", "does not exist"), (adir, "is a directory")):
+        r = results("-o", str(target))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0 and words in r.stderr
+        assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "jr.data", "jr.jsonl", "jr.xlsx", "l.csv"]
+    assert list(adir.iterdir()) == []
+
+
 def test_wrong_key_and_unknown_job_are_clear_errors(site: dict[str, str], tmp_path: Path) -> None:
     r = _sounding("jobs", "status", "0" * 32, "--url", site["base"], key="sk_wrong")
     assert r.returncode == 2 and "HTTP 401" in r.stderr and "unknown API key" in r.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import mimetypes
-import os
 import secrets
 import sys
 import time
@@ -217,7 +216,7 @@ def _follow(url: str, key: str, job_id: str, *, every: float = 1.0) -> dict[str,
     the last minute (plain lines when not on a terminal); the final state on one line."""
     from .cli_progress import ProgressReporter
 
-    with ProgressReporter(err, f"job {job_id[:8]}", unit="rows", plain_every=10.0) as prog:
+    with ProgressReporter(err, f"job {job_id}", unit="rows", plain_every=10.0) as prog:
         while True:
             p = _check(*_call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}", key)[:2])
             note = "queued: waiting for a worker" if p["state"] == "queued" else ""
@@ -246,23 +245,38 @@ def jobs_status(job_id: str, url: UrlOpt = "http://127.0.0.1:8025", key: KeyOpt 
 
 
 @jobs_app.command("results")
-def jobs_results(job_id: str, output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
-                 fmt: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
+def jobs_results(job_id: str,
+                 output: Annotated[str | None, typer.Option("-o", "--output", metavar="FILE",
+                                                            help="Where to write the results (default: "
+                                                                 "standard output).")] = None,
+                 fmt: Annotated[str | None, typer.Option("--format", metavar="csv|jsonl|xlsx",
+                                                         help="Format (default: from the file name, "
+                                                              "else csv).")] = None,
                  url: UrlOpt = "http://127.0.0.1:8025", key: KeyOpt = "") -> None:
     """Download a job's results (stdout, or -o FILE)."""
-    if fmt not in ("csv", "jsonl"):
-        _fail(SoundingError("--format must be csv or jsonl"))
-    try:
-        status, body, _ = _call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}/results?format={fmt}", key,
+    from .listfiles import check_output, output_kind
+
+    to_file = output is not None and output != "-"
+    try:  # the same checks as verify-list, before anything is downloaded
+        kind = output_kind(output or "-", fmt)
+        if to_file:
+            check_output(Path(str(output)))
+        status, body, _ = _call("GET", f"{url.rstrip('/')}/v1/jobs/{job_id}/results?format={kind}", key,
                                 accept="*/*")
         if status >= 400:
             _check(status, body)
     except SoundingError as exc:
         _fail(exc)
         return
-    if output:
-        tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(body)
-        os.replace(tmp, output)
-    else:
+    if not to_file:
         sys.stdout.buffer.write(body)
+        return
+    from .listrun import OutputTarget
+
+    target = OutputTarget(str(output), "xlsx")  # the body as it came: bytes, whatever the format
+    try:
+        target.open().write(body)
+        target.commit()
+    except OSError as exc:
+        target.abort()
+        _fail(SoundingError(f"cannot write {output}: {exc.strerror or exc}"))

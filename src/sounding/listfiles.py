@@ -193,9 +193,9 @@ class OpenList:
 def output_kind(path: str, fmt: str | None) -> str:
     """The output format: ``fmt`` if given, else from the file name (``.xlsx``, ``.jsonl``)."""
     if fmt:
-        if fmt not in KINDS:
+        if fmt.lower() not in KINDS:
             raise InputError(f"--format must be one of {', '.join(KINDS)}")
-        return fmt
+        return fmt.lower()
     low = path.lower()
     if low.endswith(".xlsx"):
         return "xlsx"
