@@ -113,6 +113,17 @@ def test_files_that_are_not_lists_are_refused_in_one_line(tmp_path: Path, make: 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"\n \r\n\t", b"\xef\xbb\xbf", b"\xff\xfe"])
+def test_an_empty_list_is_refused_in_one_line(tmp_path: Path, content: bytes) -> None:
+    src = tmp_path / "empty.csv"
+    src.write_bytes(content)
+    out = tmp_path / "o.csv"
+    r = runner.invoke(app, ["verify-list", str(src), "-o", str(out), "--nameserver", "127.0.0.1:9"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr == "error: empty.csv is empty: no rows to verify\n"
+    assert not out.exists()
+
+
 def test_dash_is_stdout_and_a_missing_directory_is_one_line(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_text("email\nalice@honest.example\nAlice@HONEST.example\n", encoding="utf-8")

@@ -149,6 +149,8 @@ class OpenList:
         if self.path.is_dir():
             raise InputError(f"{path} is a directory")
         self.kind = sniff_kind(head, self.path.name, path=self.path)
+        if len(head) < 8192 and not head.decode(_encoding(head), errors="replace").strip(" \t\r\n\f\v"):
+            raise InputError(f"{self.path.name} is empty: no rows to verify")  # (as an empty upload is refused)
         self._closers: list[Any] = []
         try:
             if self.kind == "xlsx":
