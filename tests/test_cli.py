@@ -116,6 +116,37 @@ def test_bad_input_file_is_a_clear_error(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "cannot read" in r.stderr
 
 
+@pytest.mark.parametrize("text,words", [
+    ("", "the text is empty"), ("   \n ", "the text is empty"),
+    ("hello world", "'hello world' does not start with a reply code"),
+    ("599 no such class", "does not start with a reply code"),
+    ("５５０ 5.1.1 fullwidth digits", "does not start with a reply code"),
+    ("550 5.1.1 a\x1b[31mred", "control character"),
+])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_explain_reply_refuses_what_is_not_a_reply(text: str, words: str, as_json: bool) -> None:
+    r = runner.invoke(app, ["explain-reply", *(["--json"] if as_json else []), text])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: not an SMTP reply: ") and words in r.stderr and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("text,code,enhanced", [
+    ("550", 550, None),
+    ("250 2.1.5 ok", 250, "2.1.5"),
+    ("550-5.1.1 The email account that you tried to reach does not exist.\r\n"
+     "550-5.1.1 Please try double-checking the recipient's email address\r\n550 5.1.1 for typos", 550, "5.1.1"),
+    ("host mx.b.example[192.0.2.7] said: 550 5.1.1 <a@b.example>: Recipient address rejected: User unknown "
+     "(in reply to RCPT TO command)", 550, "5.1.1"),
+    ("Diagnostic-Code: smtp; 550-5.7.1 denied by policy\n    and folded on a second line", 550, "5.7.1"),
+])
+def test_explain_reply_reads_real_replies(text: str, code: int, enhanced: str | None) -> None:
+    r = runner.invoke(app, ["explain-reply", "--json", text])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert (d["code"], d["enhanced"]) == (code, enhanced) and d["verdict"] is not None
+
+
 @pytest.mark.slow
 def test_demo_matches_the_ground_truth() -> None:
     env = dict(os.environ, COLUMNS="200")

@@ -450,6 +450,24 @@ def sandbox_up(
         err.print("sandbox stopped")
 
 
+def _not_a_reply(text: str) -> str | None:
+    """Why ``text`` (a pasted reply, its lines joined) is not an SMTP reply, as the strict reply
+    parser that reads servers decides; None when it is one (or the start of a multi-line one)."""
+    from .smtp.reply import ProtocolError, ReplyParser
+
+    if not text:
+        return "the text is empty"
+    raw = text.encode("utf-8", "surrogateescape") + b"\r\n"
+    try:  # pasted, not read off a socket: no size limits
+        ReplyParser(max_line=len(raw), max_reply=len(raw) + 2).feed(raw)
+    except ProtocolError as exc:
+        if str(exc).startswith("not an SMTP reply line"):
+            shown = text if len(text) <= 60 else text[:60] + "…"
+            return f"{shown!r} does not start with a reply code (three digits such as 550, RFC 5321 §4.2)"
+        return str(exc)
+    return None
+
+
 @app.command("explain-reply")
 def explain_reply(
     reply: Annotated[str, typer.Argument(help='An SMTP reply as pasted, e.g. "550 5.7.1 <a@b>: Recipient address '
@@ -457,11 +475,15 @@ def explain_reply(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """How Sounding reads a server's reply to RCPT TO, and why (structure, vendor or wording)."""
-    from .smtp.classify import explain_pasted
+    from .smtp.classify import explain_parts, parse_pasted
     from .smtp.reply import make_reply
     from .verdict import CatchAll, Evidence, from_rcpt
 
-    e = explain_pasted(reply)
+    parts = parse_pasted(reply)
+    why_not = _not_a_reply(parts[2])
+    if why_not:
+        _fail(InputError(f"not an SMTP reply: {why_not}"))
+    e = explain_parts(*parts)
     c = e.classification
     enh = ".".join(map(str, e.enhanced)) if e.enhanced else None
     v = (from_rcpt("user@example.com", make_reply(e.code, f"{enh or ''} {reply}".strip()), c,
