@@ -116,6 +116,42 @@ def test_bad_input_file_is_a_clear_error(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "cannot read" in r.stderr
 
 
+def test_piped_output_is_neither_wrapped_nor_cut(sandbox_proc: dict[str, str], tmp_path: Path) -> None:
+    """Not on a terminal (``| cat``, ``> log``): whole addresses in tables, whole lines."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+
+    def sounding(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sounding", *args], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=tmp_path)
+
+    long = "a-rather-long-local-part-that-no-80-column-table-has-room-for@honest.example"
+    p = sounding("verify", long, "alice@honest.example", *_common(sandbox_proc))
+    assert p.returncode == 0, p.stderr
+    assert long in p.stdout and "…" not in p.stdout
+    p = sounding("explain-reply", "550 5.1.1 <a@b.example>: Recipient address rejected: User unknown")
+    assert [ln for ln in p.stdout.splitlines() if ln.startswith("verdict")] == [
+        "verdict     undeliverable / no_mailbox  (for an RCPT TO reply from a server that refused our random local "
+        "part and accepted postmaster@)"]
+    src = tmp_path / "in.csv"
+    src.write_text("email\nalice@honest.example\n", encoding="utf-8")
+    p = sounding("verify-list", str(src), "-o", "-", *_common(sandbox_proc))
+    assert p.returncode == 0, p.stderr
+    conduct = [ln for ln in p.stderr.splitlines() if ln.startswith("conduct:")]  # stderr: the other console
+    assert len(conduct) == 1 and conduct[0].endswith("DNSBL-listed sources"), p.stderr
+
+
+def test_a_terminal_keeps_riches_width() -> None:
+    import io
+
+    from rich.console import Console
+
+    from sounding.cli import _Console
+
+    assert _Console(force_terminal=True).size == Console(force_terminal=True).size
+    assert _Console(file=io.StringIO(), width=100).width == 100  # (or COLUMNS) as asked
+    assert _Console(file=io.StringIO()).width == _Console.UNWRAPPED
+
+
 @pytest.mark.parametrize("text,words", [
     ("", "the text is empty"), ("   \n ", "the text is empty"),
     ("hello world", "'hello world' does not start with a reply code"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
@@ -27,8 +27,29 @@ app = typer.Typer(cls=TidyGroup, add_completion=False, no_args_is_help=True,
                   help="Sounding: verify e-mail addresses over SMTP without sending a message.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="The simulated mail world (loopback only).")
 app.add_typer(sandbox_app, name="sandbox")
-err = Console(stderr=True)
-out = Console()
+
+
+class _Console(Console):
+    """Rich's console, except where it writes to no terminal (a pipe, a log file, CI): there a
+    line is never wrapped and a table cell never cut (``…``) at 80 columns -- a log keeps whole
+    addresses and whole lines.  On a terminal, or with ``COLUMNS`` set, Rich's width holds."""
+
+    UNWRAPPED = 10_000
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        dims = super().size
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(self.UNWRAPPED, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+err = _Console(stderr=True)
+out = _Console()
 
 HeloOpt = Annotated[str | None, typer.Option("--helo", metavar="FQDN", help="HELO name (our FQDN with matching PTR).")]
 FromOpt = Annotated[str | None, typer.Option("--mail-from", metavar="ADDRESS", help="Envelope sender.")]
