@@ -140,6 +140,21 @@ def test_piped_output_is_neither_wrapped_nor_cut(sandbox_proc: dict[str, str], t
     assert len(conduct) == 1 and conduct[0].endswith("DNSBL-listed sources"), p.stderr
 
 
+def test_an_unsupported_or_missing_database_is_one_line(tmp_path: Path) -> None:
+    from .conftest import PG_ADMIN
+
+    r = runner.invoke(app, ["clients", "list", "--db", "mysql://u:secret@127.0.0.1/x"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr == ("error: cannot use database mysql://u:***@127.0.0.1/x: only SQLite (sqlite:///path) and "
+                        "PostgreSQL (postgresql://...) are supported\n")
+    name = f"sounding_missing_{os.getpid()}"
+    r = runner.invoke(app, ["clients", "list", "--db", PG_ADMIN.rsplit("/", 1)[0] + "/" + name])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: cannot open database postgresql://") and r.stderr.count("\n") == 1
+    assert r.stderr.endswith(f': database "{name}" does not exist\n') and "Background" not in r.stderr
+    assert "secret" not in r.stderr
+
+
 def test_a_terminal_keeps_riches_width() -> None:
     import io
 

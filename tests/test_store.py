@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 from sqlalchemy import text
@@ -152,5 +153,21 @@ async def test_cache_expiry_exemptions_sessions_and_kv(db_url: str) -> None:
 
 
 async def test_an_unreachable_database_is_a_clear_error() -> None:
-    with pytest.raises(StoreError, match="cannot open or migrate"):
+    with pytest.raises(StoreError, match=r"^cannot open database postgresql://nobody@127\.0\.0\.1:1/none: "
+                                         r"[^\n]*Connection refused$"):
         await Store.open("postgresql://nobody@127.0.0.1:1/none")
+
+
+async def test_an_unsupported_or_missing_database_is_one_line_with_no_password() -> None:
+    from sounding.store.store import shown_url
+
+    from .conftest import PG_ADMIN
+
+    with pytest.raises(StoreError, match=r"^cannot use database mysql://u:\*\*\*@127\.0\.0\.1/x: only SQLite "
+                                         r"\(sqlite:///path\) and PostgreSQL \(postgresql://\.\.\.\) are supported$"):
+        await Store.open("mysql://u:secret@127.0.0.1/x")
+    missing = PG_ADMIN.rsplit("/", 1)[0] + "/sounding_missing_db_" + uuid.uuid4().hex[:8]
+    with pytest.raises(StoreError) as info:
+        await Store.open(missing)
+    name = missing.rsplit("/", 1)[1]
+    assert str(info.value) == f'cannot open database {shown_url(missing)}: database "{name}" does not exist'

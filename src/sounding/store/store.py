@@ -27,7 +27,8 @@ from alembic.config import Config
 from sqlalchemy import Connection, Integer, case, delete, event, func, or_, select, text, update
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from ..errors import StoreError
@@ -72,6 +73,26 @@ def normalise_url(url: str) -> str:
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def shown_url(url: str) -> str:
+    """A database URL as messages show it: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _one_line(exc: BaseException) -> str:
+    """A database error in one line: the driver's own words without SQLAlchemy's wrapping
+    ("(psycopg.OperationalError) ...", "Background on this error at: ...") and, for a
+    server's refusal, just the reason ('database "x" does not exist')."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    if "FATAL:" in first:  # libpq: 'connection failed: connection to server at ... failed: FATAL:  why'
+        first = first.rsplit("FATAL:", 1)[1].strip()
+    return first
 
 
 def hash_key(key: str) -> str:
@@ -148,19 +169,31 @@ class Store:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def open(cls, url: str | None = None, *, migrate: bool = True) -> Store:
-        url = normalise_url(url or default_db_url())
+        given = url or default_db_url()
+        shown = shown_url(given)
+        url = normalise_url(given)
+        try:
+            backend = make_url(url).get_backend_name()
+        except ArgumentError:
+            backend = ""
+        if backend not in ("sqlite", "postgresql"):
+            raise StoreError(f"cannot use database {shown}: only SQLite (sqlite:///path) and PostgreSQL "
+                             f"(postgresql://...) are supported")
         kw: dict[str, Any] = {}
-        if url.startswith("sqlite"):
+        if backend == "sqlite":
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot open database {shown}: {exc.strerror or exc}") from exc
             kw["connect_args"] = {"timeout": 30}
         else:
             kw.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         try:
             engine = create_async_engine(url, **kw)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise StoreError(f"cannot use database {url!r}: {exc}") from exc
+            raise StoreError(f"cannot use database {shown}: {_one_line(exc)}") from exc
         if engine.dialect.name == "sqlite":
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _rec: Any) -> None:  # WAL: readers never block the writer
@@ -170,9 +203,19 @@ class Store:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
+        try:  # a database that is not there, refuses us or cannot be created: said before anything else
+            async with engine.connect():
+                pass
+        except (SQLAlchemyError, OSError) as exc:
+            await engine.dispose()
+            raise StoreError(f"cannot open database {shown}: {_one_line(exc)}") from exc
         store = cls(engine)
         if migrate:
-            await store.migrate()
+            try:
+                await store.migrate()
+            except BaseException:
+                await engine.dispose()
+                raise
         return store
 
     async def migrate(self) -> None:
@@ -186,7 +229,7 @@ class Store:
             async with self.engine.begin() as conn:
                 await conn.run_sync(upgrade)
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot open or migrate the database: {exc}") from exc
+            raise StoreError(f"cannot open or migrate the database: {_one_line(exc)}") from exc
 
     async def close(self) -> None:
         await self.engine.dispose()
