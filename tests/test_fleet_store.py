@@ -217,23 +217,17 @@ async def test_service_on_postgresql_runs_on_the_fleet(pg_service: Any) -> None:
     r = await http.post("/v1/verify", json={"email": "alice@honest.example"}, headers=h)
     assert r.status_code == 200, r.text
     assert (r.json()["status"], r.json()["cached"]) == ("deliverable", False)
-    body = "email\nbob@honest.example\nnobody1@honest.example\nalice@honest.example\n"
-    job = (await http.post("/v1/jobs", files={"file": ("l.csv", body.encode())}, headers=h)).json()
-    for _ in range(300):
-        p = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
-        if p["state"] not in ("queued", "running"):
-            break
-        await asyncio.sleep(0.1)
+    p = await _run_job(http, h, "email\nbob@honest.example\nnobody1@honest.example\nalice@honest.example\n")
     assert p["state"] == "done" and p["by_status"] == {"deliverable": 2, "undeliverable": 1}, p
     asked = [a for s in sb.log.sessions() for a, _ in s.rcpts if a == "alice@honest.example"]
     assert asked == ["alice@honest.example"]  # the job took alice's verdict from the cache
     # the job's session is logged with the job (its page links the transcript)
     for _ in range(50):
         logged, _n = await st_of(http).lookup("name", "honest.example")
-        if any(job["id"] in x.job_ids.split() for x in logged):
+        if any(p["id"] in x.job_ids.split() for x in logged):
             break
         await asyncio.sleep(0.1)
-    assert any(job["id"] in x.job_ids.split() for x in logged)
+    assert any(p["id"] in x.job_ids.split() for x in logged)
 
 
 async def test_a_single_verification_is_answered_when_its_verdict_is_stored_not_at_the_next_poll(
@@ -253,19 +247,24 @@ async def test_a_single_verification_is_answered_when_its_verdict_is_stored_not_
     assert fleet._waiters == {}  # nothing left behind
 
 
-async def test_a_job_with_rows_that_hold_no_address_finishes_on_the_fleet(pg_service: Any) -> None:
-    """Rows answered at upload (an empty cell, a syntax error) count towards the job's end:
-    the fleet finishes a job when its counter reaches the total, and they never reach a worker."""
+async def _run_job(http: Any, h: dict[str, str], body: str) -> dict[str, Any]:
+    """Upload ``body`` as a CSV job and wait (30 s at most) until it is no longer active: its progress."""
     import asyncio
 
-    http, h, _sb = pg_service
-    body = "email,name\nalice@honest.example,a\n,empty\nnot an address,b\nbob@honest.example,c\n"
     job = (await http.post("/v1/jobs", files={"file": ("l.csv", body.encode())}, headers=h)).json()
     for _ in range(300):
-        p = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
+        p: dict[str, Any] = (await http.get(f"/v1/jobs/{job['id']}", headers=h)).json()
         if p["state"] not in ("queued", "running"):
             break
         await asyncio.sleep(0.1)
+    return p
+
+
+async def test_a_job_with_rows_that_hold_no_address_finishes_on_the_fleet(pg_service: Any) -> None:
+    """Rows answered at upload (an empty cell, a syntax error) count towards the job's end:
+    the fleet finishes a job when its counter reaches the total, and they never reach a worker."""
+    http, h, _sb = pg_service
+    p = await _run_job(http, h, "email,name\nalice@honest.example,a\n,empty\nnot an address,b\nbob@honest.example,c\n")
     assert p["state"] == "done" and p["done"] == p["total"] == 4, p
     assert p["by_status"] == {"deliverable": 2, "error": 1, "undeliverable": 1}, p
 
