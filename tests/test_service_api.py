@@ -103,7 +103,9 @@ async def test_bulk_job_keeps_columns_dedupes_and_defuses_formulas(api: Api) -> 
     r = await api.upload(buf.getvalue())
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["total"] == len(rows) - 1 and job["state"] == "queued"
+    # the answer shows the job as it is when answered: the in-process runner may have
+    # claimed it already (a race the test cannot order)
+    assert job["total"] == len(rows) - 1 and job["state"] in ("queued", "running")
     p = await api.wait(job["id"])
     assert p["state"] == "done" and p["done"] == p["total"] and p["percent"] == 100.0
     assert p["by_status"]["deliverable"] >= 4
